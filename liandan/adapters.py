@@ -1,0 +1,190 @@
+"""LoRA / DoRA / full fine-tuning set-up, and saving/loading adapters with their record.
+
+On disk an adapter directory is PEFT's format (adapter_config.json + adapter_model.safetensors),
+so PEFT, vLLM and llama.cpp's converter read it too, plus `liandan.json`: the base model, the exact
+rendering used in training (chat template, stop tokens, system prompt) and the training options.
+Full fine-tuning stores the changed tensors in `trained_weights.safetensors` instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from liandan.atomic import atomic_dir, atomic_path, atomic_write_text
+from liandan.config import TrainConfig
+from liandan.data.render import Rendering
+from liandan.errors import LiandanError
+
+RECORD = "liandan.json"
+FULL_WEIGHTS = "trained_weights.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks, whatever the architecture calls it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise LiandanError(f"cannot find the transformer layers of {type(base).__name__}")
+
+
+def _layer_prefix(model, index: int) -> str:
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers[index]:
+            return name + "."
+    raise LiandanError("cannot name the transformer layers")  # pragma: no cover
+
+
+def selected_layers(model, num_layers: int) -> list[int]:
+    total = len(decoder_layers(model))
+    if num_layers == -1 or num_layers >= total:
+        return list(range(total))
+    if num_layers <= 0:
+        raise LiandanError(f"--num-layers must be positive or -1 (all), got {num_layers}")
+    return list(range(total - num_layers, total))
+
+
+def target_modules(model, cfg: TrainConfig) -> list[str]:
+    """Full names of the linear layers to adapt: the last --num-layers blocks, filtered by lora_parameters.keys."""
+    keys = cfg.lora_parameters.keys
+    names = []
+    for index in selected_layers(model, cfg.num_layers):
+        prefix = _layer_prefix(model, index)
+        for name, module in model.named_modules():
+            if not name.startswith(prefix) or not isinstance(module, torch.nn.Linear):
+                continue
+            local = name[len(prefix):]
+            if keys is None or any(local == k or local.endswith("." + k) or local.split(".")[-1] == k for k in keys):
+                names.append(name)
+    if not names:
+        raise LiandanError(f"lora_parameters.keys {keys} matched no linear layer in the selected layers")
+    return names
+
+
+def setup_finetuning(model, cfg: TrainConfig):
+    """Return the model ready to train (PEFT-wrapped for lora/dora) and a one-line summary."""
+    total = sum(p.numel() for p in model.parameters())
+    if cfg.fine_tune_type == "full":
+        layers = decoder_layers(model)
+        for index in selected_layers(model, cfg.num_layers):
+            for p in layers[index].parameters():
+                p.requires_grad_(True)
+        trained = model
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        lp = cfg.lora_parameters
+        config = LoraConfig(
+            r=lp.rank,
+            lora_alpha=lp.lora_alpha,
+            lora_dropout=lp.dropout,
+            target_modules=target_modules(model, cfg),
+            use_dora=cfg.fine_tune_type == "dora",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        trained = get_peft_model(model, config)
+    if cfg.grad_checkpoint:
+        base = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+    summary = f"Trainable parameters: {100 * n_train / total:.3f}% ({n_train / 1e6:.3f}M/{total / 1e6:.3f}M)"
+    return trained, summary
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model, directory: Path, record: dict) -> None:
+    """Write the adapter and its record; the directory is replaced as a whole (atomic)."""
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        save_adapter_files(model, tmp, record)
+
+
+def save_adapter_files(model, directory: Path, record: dict) -> None:
+    """Like save_adapter, but file by file into an existing directory that holds other things too."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if record["fine_tune_type"] == "full":
+        with atomic_path(directory / FULL_WEIGHTS) as tmp:
+            save_file(trainable_state(model), str(tmp))
+    else:
+        from peft import get_peft_model_state_dict
+
+        state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        with atomic_path(directory / PEFT_WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        model.peft_config["default"].save_pretrained(str(directory))
+    atomic_write_text(directory / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
+
+
+def read_record(directory: Path) -> dict:
+    path = Path(directory) / RECORD
+    if not path.is_file():
+        if (Path(directory) / PEFT_WEIGHTS).is_file():
+            return {}  # a plain PEFT adapter from another tool: usable, without a rendering record
+        raise LiandanError(f"--adapter-path {directory}: no adapter found (expected {RECORD} and {PEFT_WEIGHTS})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise LiandanError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
+def load_adapter(model, directory: Path, record: dict):
+    """Apply a saved adapter to a freshly loaded base model, for inference."""
+    directory = Path(directory)
+    if record.get("fine_tune_type") == "full":
+        state = load_file(str(directory / FULL_WEIGHTS))
+        missing = set(state) - set(dict(model.named_parameters()))
+        if missing:
+            raise LiandanError(f"{directory / FULL_WEIGHTS} does not fit this base model (e.g. {sorted(missing)[0]})")
+        model.load_state_dict(state, strict=False)
+        return model
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    except Exception as exc:
+        raise LiandanError(f"cannot apply the adapter in {directory} to this model: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    return model
+
+
+def load_weights_into(model, path: Path) -> None:
+    """--resume-adapter-file: start from saved adapter weights (fresh optimizer), like mlx_lm."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / (FULL_WEIGHTS if (path / FULL_WEIGHTS).is_file() else PEFT_WEIGHTS)
+    if not path.is_file():
+        raise LiandanError(f"--resume-adapter-file {path}: file not found")
+    state = load_file(str(path))
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise LiandanError(f"--resume-adapter-file {path}: weights do not match this LoRA set-up")
+    else:
+        model.load_state_dict(state, strict=False)
+
+
+def make_record(cfg: TrainConfig, base_model: str, rendering: Rendering, iteration: int) -> dict:
+    return {
+        "liandan_version": __import__("liandan").__version__,
+        "base_model": base_model,
+        "fine_tune_type": cfg.fine_tune_type,
+        "iteration": iteration,
+        "rendering": rendering.to_dict(),
+        "training": cfg.to_dict(),
+    }

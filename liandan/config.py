@@ -1,0 +1,156 @@
+"""Training options: mlx_lm.lora's names and defaults, read from a YAML file and overridden by flags.
+
+Precedence: built-in defaults < YAML config (-c/--config) < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
+
+from liandan.errors import LiandanError
+
+
+@dataclass
+class LoraParameters:
+    rank: int = 8
+    scale: float = 20.0  # mlx_lm's multiplier; PEFT's lora_alpha = scale * rank
+    dropout: float = 0.0
+    keys: list[str] | None = None  # module name suffixes (e.g. "self_attn.q_proj"); None = every linear layer
+    alpha: float | None = None  # PEFT-style alternative to scale
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else self.scale * self.rank
+
+
+@dataclass
+class LRSchedule:
+    name: str = "constant"  # constant | cosine_decay | linear_decay
+    warmup: int = 0
+    warmup_init: float = 0.0
+    arguments: list | None = None  # mlx_lm style: cosine_decay [init_lr, decay_steps, end_lr]
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = None
+    train: bool = False
+    data: str = "data/"
+    fine_tune_type: str = "lora"
+    num_layers: int = 16
+    batch_size: int = 4
+    iters: int = 1000
+    val_batches: int = 25
+    learning_rate: float = 1e-5
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    resume_adapter_file: str | None = None
+    adapter_path: str = "adapters"
+    save_every: int = 100
+    test: bool = False
+    test_batches: int = 500
+    max_seq_length: int = 2048
+    grad_checkpoint: bool = False
+    seed: int = 0
+    grad_accumulation_steps: int = 1
+    optimizer: str = "adam"
+    optimizer_config: dict = field(default_factory=dict)
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    lora_parameters: LoraParameters = field(default_factory=LoraParameters)
+    mask_prompt: bool = True
+    prompt_feature: str = "prompt"
+    completion_feature: str = "completion"
+    text_feature: str = "text"
+    chat_feature: str = "messages"
+    system_prompt: str | None = None
+    dtype: str | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_NESTED = {"lora_parameters": LoraParameters, "lr_schedule": LRSchedule}
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LiandanError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def load_config(path: str | None, flags: dict) -> TrainConfig:
+    """Merge defaults, the YAML file and the flags the user actually typed (not None)."""
+    values: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise LiandanError(f"config file {path} not found") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise LiandanError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(loaded, dict):
+            raise LiandanError(f"{path}: expected a mapping of option: value")
+        values.update(loaded)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for key, cls in _NESTED.items():
+        if key in values and not isinstance(values[key], cls):
+            if not isinstance(values[key], dict):
+                raise LiandanError(f"{path or 'config'}: '{key}' must be a mapping")
+            values[key] = _build(cls, values[key], f"{path or 'config'}: {key}")
+    cfg = _build(TrainConfig, values, path or "config")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.fine_tune_type not in ("lora", "dora", "full"):
+        raise LiandanError(f"--fine-tune-type {cfg.fine_tune_type}: expected lora, dora or full")
+    if cfg.optimizer not in ("adam", "adamw", "sgd"):
+        raise LiandanError(f"--optimizer {cfg.optimizer}: expected adam, adamw or sgd")
+    for name in ("batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
+                 "grad_accumulation_steps", "max_seq_length"):
+        if getattr(cfg, name) <= 0:
+            raise LiandanError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.learning_rate <= 0:
+        raise LiandanError(f"--learning-rate must be positive, got {cfg.learning_rate}")
+    if cfg.lr_schedule.name not in ("constant", "cosine_decay", "linear_decay"):
+        raise LiandanError(f"lr_schedule.name {cfg.lr_schedule.name!r}: expected constant, cosine_decay or linear_decay")
+    if cfg.lora_parameters.rank <= 0:
+        raise LiandanError(f"lora_parameters.rank must be positive, got {cfg.lora_parameters.rank}")
+
+
+def lr_multiplier(cfg: TrainConfig):
+    """Return f(step) -> factor of cfg.learning_rate, for torch's LambdaLR (step counts from 0)."""
+    sched = cfg.lr_schedule
+    base = cfg.learning_rate
+    args = list(sched.arguments or [])
+    peak = float(args[0]) if args else base
+    decay_steps = int(args[1]) if len(args) > 1 else cfg.iters
+    end = float(args[2]) if len(args) > 2 else 0.0
+
+    def factor(step: int) -> float:
+        if sched.warmup and step < sched.warmup:
+            lr = sched.warmup_init + (peak - sched.warmup_init) * step / sched.warmup
+        else:
+            t = min(max(step - sched.warmup, 0), decay_steps) / max(decay_steps, 1)
+            if sched.name == "cosine_decay":
+                import math
+
+                lr = end + (peak - end) * 0.5 * (1 + math.cos(math.pi * t))
+            elif sched.name == "linear_decay":
+                lr = peak + (end - peak) * t
+            else:
+                lr = peak
+        return lr / base
+
+    return factor
+

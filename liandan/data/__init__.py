@@ -1,0 +1,1 @@
+"""Data: read and validate JSONL (formats), render with the chat template (render), batch (batching)."""

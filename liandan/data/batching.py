@@ -1,0 +1,98 @@
+"""Encoded examples → padded batches, grouped by length so little compute goes to padding."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from liandan.data.formats import DataFile
+from liandan.data.render import IGNORE, Encoded, Encoder
+from liandan.errors import LiandanError
+
+
+@dataclass
+class EncodedSet:
+    name: str
+    format: str
+    items: list[Encoded]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def encode_file(data: DataFile, encoder: Encoder, max_seq_length: int, log=print) -> EncodedSet:
+    """Encode every example of a file; truncate over-long ones (with one warning)."""
+    encoder.hand_typed.counts.clear()
+    items, truncated = [], 0
+    for example in data.examples:
+        enc = encoder.encode(example)
+        if len(enc.input_ids) > max_seq_length:
+            truncated += 1
+            enc = Encoded(enc.input_ids[:max_seq_length], enc.labels[:max_seq_length], enc.line)
+        if enc.n_trained == 0:
+            raise LiandanError(
+                f"{data.path}:{example.line}: no tokens left to train on"
+                + (f" after truncation to --max-seq-length {max_seq_length}" if truncated else "")
+            )
+        items.append(enc)
+    name = data.path.name
+    if encoder.hand_typed.counts:
+        typed = ", ".join(f"'{t}' ×{n}" for t, n in encoder.hand_typed.counts.items())
+        log(f"Note: {name} has stop tokens typed by hand ({typed}); liandan removed them and ends every "
+            f"answer with '{encoder.rendering.stop_tokens[0] if data.format != 'text' else encoder.tokenizer.eos_token}' itself.")
+    if truncated:
+        log(f"Warning: {name}: {truncated} example(s) longer than --max-seq-length {max_seq_length} were truncated.")
+    return EncodedSet(name, data.format, items)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random | None) -> list[list[int]]:
+    """Indices sorted by length, cut into batches; the batch order is shuffled when rng is given.
+
+    Same idea as mlx_lm: similar lengths share a batch, so padding stays small.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    if not batches and order:
+        batches = [order]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate(items: list[Encoded], pad_id: int, device) -> dict:
+    width = max(len(x.input_ids) for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: int = 0):
+    """Endless training batches (lists of indices): a fresh shuffle of the batch order each epoch."""
+    lengths = [len(x.input_ids) for x in data.items]
+    if len(lengths) < batch_size:
+        raise LiandanError(
+            f"{data.name} has {len(lengths)} example(s), fewer than --batch-size {batch_size}; "
+            "lower --batch-size or add examples"
+        )
+    epoch = start_epoch
+    while True:
+        rng = random.Random(seed * 1_000_003 + epoch)
+        for batch in length_grouped_batches(lengths, batch_size, rng):
+            yield epoch, batch
+        epoch += 1
+
+
+def eval_batches(data: EncodedSet, batch_size: int, max_batches: int) -> list[list[int]]:
+    """Fixed-order batches for validation/test; max_batches -1 means the whole set."""
+    lengths = [len(x.input_ids) for x in data.items]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches if max_batches < 0 else batches[:max_batches]

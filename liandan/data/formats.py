@@ -1,0 +1,157 @@
+"""Read JSONL training files and detect their format: text, completions, chat or tools.
+
+Every problem is reported as `file:line: what is wrong`, so a user with a 50,000-line file can
+jump straight to it. A file is one format; the format is detected from its first record's keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from liandan.errors import LiandanError
+
+FORMATS = ("text", "completions", "chat", "tools")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class FieldNames:
+    """Key names, configurable like mlx_lm's `prompt_feature` / `completion_feature` / ..."""
+
+    text: str = "text"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    chat: str = "messages"
+    tools: str = "tools"
+
+
+@dataclass
+class Example:
+    """One record, normalised: `text` for the text format, `messages` for all the others."""
+
+    line: int
+    text: str | None = None
+    messages: list[dict] | None = None
+    tools: list[dict] | None = None
+
+
+@dataclass
+class DataFile:
+    path: Path
+    format: str
+    examples: list[Example] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def detect_format(record: dict, names: FieldNames) -> str | None:
+    if names.chat in record:
+        return "tools" if names.tools in record else "chat"
+    if names.prompt in record and names.completion in record:
+        return "completions"
+    if names.text in record:
+        return "text"
+    return None
+
+
+def read_jsonl(path: str | Path, names: FieldNames | None = None) -> DataFile:
+    """Parse and validate a whole JSONL file; raise LiandanError at the first bad line."""
+    names = names or FieldNames()
+    path = Path(path)
+    if not path.is_file():
+        raise LiandanError(f"{path}: file not found")
+    data: DataFile | None = None
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise LiandanError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+            if line_no == 1:
+                line = line.lstrip("\ufeff")  # a UTF-8 BOM, as Windows editors write it
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LiandanError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise LiandanError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            fmt = detect_format(record, names)
+            if fmt is None:
+                raise LiandanError(
+                    f"{where}: no known keys; expected '{names.text}', '{names.prompt}'+'{names.completion}', "
+                    f"or '{names.chat}' (found: {', '.join(sorted(record)) or 'none'})"
+                )
+            if data is None:
+                data = DataFile(path, fmt)
+            elif fmt != data.format:
+                raise LiandanError(f"{where}: this line is in the {fmt} format but the file started as {data.format}")
+            data.examples.append(_normalise(record, fmt, names, where, line_no))
+    if data is None or not data.examples:
+        raise LiandanError(f"{path}: the file is empty")
+    return data
+
+
+def _normalise(record: dict, fmt: str, names: FieldNames, where: str, line_no: int) -> Example:
+    if fmt == "text":
+        text = record[names.text]
+        _require_string(text, names.text, where)
+        if not text.strip():
+            raise LiandanError(f"{where}: '{names.text}' is empty")
+        return Example(line_no, text=text)
+    if fmt == "completions":
+        prompt, completion = record[names.prompt], record[names.completion]
+        _require_string(prompt, names.prompt, where)
+        _require_string(completion, names.completion, where)
+        if not completion.strip():
+            raise LiandanError(f"{where}: '{names.completion}' is empty; there is nothing to learn from this line")
+        return Example(line_no, messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+    messages = record[names.chat]
+    if not isinstance(messages, list) or not messages:
+        raise LiandanError(f"{where}: '{names.chat}' must be a non-empty list of messages")
+    for i, message in enumerate(messages):
+        _check_message(message, i, where, allow_tools=fmt == "tools")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LiandanError(f"{where}: the chat has no assistant turn; there is nothing to learn from this line")
+    tools = None
+    if fmt == "tools":
+        tools = record[names.tools]
+        if not isinstance(tools, list):
+            raise LiandanError(f"{where}: '{names.tools}' must be a list of function definitions")
+    return Example(line_no, messages=messages, tools=tools)
+
+
+def _check_message(message, i: int, where: str, allow_tools: bool) -> None:
+    if not isinstance(message, dict):
+        raise LiandanError(f"{where}: message {i} is not an object")
+    role = message.get("role")
+    if role not in ROLES:
+        raise LiandanError(f"{where}: message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
+    content = message.get("content")
+    if role == "assistant" and allow_tools and content is None and message.get("tool_calls"):
+        return
+    if not isinstance(content, str):
+        raise LiandanError(f"{where}: message {i} ({role}) needs a string 'content'")
+
+
+def _require_string(value, key: str, where: str) -> None:
+    if not isinstance(value, str):
+        raise LiandanError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
+
+
+def load_splits(data_dir: str | Path, names: FieldNames | None = None, splits=("train", "valid", "test")) -> dict:
+    """Read {split}.jsonl files from a --data directory. Missing optional splits map to None."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise LiandanError(f"--data {data_dir}: not a directory (expected one holding train.jsonl, valid.jsonl, test.jsonl)")
+    out = {}
+    for split in splits:
+        path = data_dir / f"{split}.jsonl"
+        out[split] = read_jsonl(path, names) if path.is_file() else None
+    return out

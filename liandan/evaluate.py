@@ -1,0 +1,99 @@
+"""Loss, perplexity and the exact-answer score.
+
+The loss is computed only where labels are trained: the hidden states of the other positions
+never reach the LM head, so no batch x sequence x vocabulary logits tensor is built. With
+Qwen's 151k-token vocabulary that tensor would dominate time and memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from liandan.data.batching import EncodedSet, collate, eval_batches
+from liandan.data.render import IGNORE
+
+LOSS_EXPLAINED = (
+    "What the loss means: it is the mean negative log-likelihood (natural log) per trained token, i.e. how "
+    "surprised the model is, on average, by each answer token; 0 is perfect, and perplexity = e^loss is roughly "
+    "the number of tokens it hesitates between. It is not a count of failed examples."
+)
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Sum of token losses over trained positions, and how many there are."""
+    base = _unwrap(model)
+    hidden = base.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )[0]
+    targets = batch["labels"][:, 1:]
+    selected = targets != IGNORE
+    n = int(selected.sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    logits = base.get_output_embeddings()(hidden[:, :-1][selected])
+    config = base.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2/3 squash logits; training must see what inference sees
+        logits = torch.tanh(logits / cap) * cap
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        logits = logits / scaling
+    loss = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+    return loss, n
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: EncodedSet, batch_size: int, max_batches: int, pad_id: int, device) -> tuple[float, int]:
+    """Mean loss per trained token over (up to max_batches of) a set."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in eval_batches(data, batch_size, max_batches):
+        loss, n = supervised_loss(model, collate([data.items[i] for i in batch], pad_id, device))
+        total += float(loss)
+        count += n
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+@dataclass
+class AnswerCheck:
+    prompt: str
+    expected: str
+    got: str
+    stopped: bool
+
+    @property
+    def exact(self) -> bool:
+        return self.stopped and self.got.strip() == self.expected.strip()
+
+
+def exact_answers(model, tokenizer, encoder, examples, device, stop_ids) -> list[AnswerCheck]:
+    """Greedy-generate each example's last answer from its prompt and compare with the expected text."""
+    from liandan.generate import generate
+
+    checks = []
+    for example in examples:
+        if example.messages is None:
+            continue
+        messages = [encoder._clean(m) for m in example.messages]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        expected = messages[last].get("content") or ""
+        prompt_ids = encoder.prompt_ids(messages[:last], example.tools)
+        budget = len(tokenizer(expected, add_special_tokens=False)["input_ids"]) + 8
+        result = generate(model, prompt_ids, max_tokens=budget, stop_ids=stop_ids, device=device)
+        prompt = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+        checks.append(AnswerCheck(prompt, expected, tokenizer.decode(result.tokens, skip_special_tokens=False), result.stopped))
+    return checks
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")

@@ -1,0 +1,163 @@
+"""`liandan lora`: fine-tune (LoRA, DoRA or full) and/or test, with mlx_lm.lora's flags and defaults.
+
+Recipe, top to bottom: options → model → data (rendered once) → set-up → train → save → test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from liandan.errors import LiandanError
+
+DESCRIPTION = "Fine-tune a model with LoRA, DoRA or full fine-tuning (mlx_lm.lora-compatible flags)."
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    # Every default is None so that a YAML config can supply the value; config.TrainConfig holds the defaults.
+    add = parser.add_argument
+    add("--model", help="Model directory, .gguf file, Hub id, or 'smollm2-135m' (the embedded default)")
+    add("--train", action="store_true", default=None, help="Do training")
+    add("--data", help="Directory with {train, valid, test}.jsonl files")
+    add("--fine-tune-type", choices=["lora", "dora", "full"], help="Type of fine-tuning (default: lora)")
+    add("--num-layers", type=int, help="Number of layers to fine-tune, counted from the top (default 16, -1 for all)")
+    add("--batch-size", type=int, help="Minibatch size (default 4)")
+    add("--iters", type=int, help="Iterations to train for (default 1000)")
+    add("--val-batches", type=int, help="Number of validation batches, -1 uses the entire validation set (default 25)")
+    add("--learning-rate", type=float, help="Learning rate (default 1e-5)")
+    add("--steps-per-report", type=int, help="Training steps between loss reports (default 10)")
+    add("--steps-per-eval", type=int, help="Training steps between validations (default 200)")
+    add("--resume-adapter-file", help="Start from these adapter weights (fresh optimizer)")
+    add("--adapter-path", help="Save/load path for the adapter (default: adapters)")
+    add("--save-every", type=int, help="Save the adapter every N iterations (default 100)")
+    add("--test", action="store_true", default=None, help="Evaluate on the test set (after training, if --train)")
+    add("--test-batches", type=int, help="Number of test batches, -1 uses the entire test set (default 500)")
+    add("--max-seq-length", type=int, help="Maximum sequence length in tokens (default 2048)")
+    add("-c", "--config", help="A YAML configuration file with the training options")
+    add("--grad-checkpoint", action="store_true", default=None, help="Use gradient checkpointing to reduce memory use")
+    add("--seed", type=int, help="The PRNG seed (default 0)")
+    add("--grad-accumulation-steps", type=int, help="Micro-batches per optimizer step (default 1)")
+    add("--optimizer", choices=["adam", "adamw", "sgd"], help="Optimizer (default adam)")
+    add("--mask-prompt", dest="mask_prompt", action="store_true", default=None,
+        help="Train on answers only (the default; accepted for mlx_lm compatibility)")
+    add("--no-mask-prompt", dest="mask_prompt", action="store_false", help="Also train on prompt tokens")
+    add("--system-prompt", help="System prompt added to every chat example (and recorded for inference)")
+    add("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
+    add("--overwrite", action="store_true", default=None, help="Replace an adapter already in --adapter-path")
+    add("--trust-remote-code", action="store_true", default=None, help="Allow model code from the model directory")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    from liandan.config import load_config
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
+    cfg = load_config(args.config, flags)
+    if not cfg.train and not cfg.test:
+        raise LiandanError("nothing to do: give --train, --test, or both")
+    return run(cfg)
+
+
+def run(cfg, log=print) -> int:
+    import torch
+
+    from liandan.adapters import (
+        FULL_WEIGHTS, PEFT_WEIGHTS, RECORD, load_adapter, load_weights_into, make_record, read_record, setup_finetuning,
+    )
+    from liandan.data.batching import encode_file
+    from liandan.data.formats import FieldNames, load_splits
+    from liandan.data.render import Encoder, Rendering, make_rendering
+    from liandan.models import DEFAULT_MODEL, load_model, pick_device, resolve_model
+
+    adapter_dir = Path(cfg.adapter_path)
+    record = {}
+    if cfg.train:
+        if any((adapter_dir / f).exists() for f in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS)) and not cfg.overwrite:
+            raise LiandanError(
+                f"{adapter_dir} already holds an adapter from another run; pass --overwrite to replace it "
+                "or choose another --adapter-path"
+            )
+    else:
+        record = read_record(adapter_dir)
+        if cfg.model is None and record.get("base_model"):
+            cfg.model = record["base_model"]
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.dtype)
+    log("Loading pretrained model")
+    model_dir = resolve_model(cfg.model)
+    model, tokenizer = load_model(model_dir, device, bool(cfg.trust_remote_code))
+    base_model = cfg.model or DEFAULT_MODEL
+    if Path(base_model).expanduser().exists():
+        base_model = str(Path(base_model).expanduser().resolve())
+
+    log("Loading datasets")
+    names = FieldNames(cfg.text_feature, cfg.prompt_feature, cfg.completion_feature, cfg.chat_feature)
+    splits = load_splits(cfg.data, names)
+    if cfg.train and splits["train"] is None:
+        raise LiandanError(f"--data {cfg.data}: train.jsonl is missing")
+    if cfg.test and not cfg.train and splits["test"] is None:
+        raise LiandanError(f"--data {cfg.data}: test.jsonl is missing")
+
+    if record.get("rendering"):
+        rendering = Rendering.from_dict(record["rendering"])
+    else:
+        rendering = make_rendering(tokenizer, cfg.system_prompt)
+        if cfg.train and splits["train"].format == "text":
+            rendering.prompt_style = "raw"
+    encoder = Encoder(tokenizer, rendering, cfg.mask_prompt)
+    encoded = {k: encode_file(v, encoder, cfg.max_seq_length, log) for k, v in splits.items() if v is not None}
+    pad_id = tokenizer.pad_token_id
+
+    if cfg.train:
+        from liandan.train import train
+
+        log("Training")
+        model, summary = setup_finetuning(model, cfg)
+        log(summary)
+        if cfg.resume_adapter_file:
+            load_weights_into(model, Path(cfg.resume_adapter_file))
+        if "valid" not in encoded:
+            log(f"Note: --data {cfg.data} has no valid.jsonl; training without validation.")
+        result = train(model, cfg, encoded["train"], encoded.get("valid"), pad_id, device.torch_device, adapter_dir,
+                       lambda it: make_record(cfg, base_model, rendering, it), log)
+        log(f"Saved final weights to {adapter_dir}. Loss curve: {adapter_dir / 'loss.png'}")
+        log(f"Trained {result.iterations} iterations in {result.seconds:.1f}s: {result.tokens_per_second:.1f} tokens/s, "
+            f"peak memory {result.peak_memory_gb:.3f} GB")
+    elif cfg.test:
+        model = load_adapter(model, adapter_dir, record) if (adapter_dir / RECORD).exists() or (adapter_dir / PEFT_WEIGHTS).exists() else model
+
+    if cfg.test:
+        if "test" not in encoded:
+            log(f"Note: --data {cfg.data} has no test.jsonl; skipping the test.")
+        else:
+            test_report(model, tokenizer, encoder, splits["test"], encoded["test"], cfg, pad_id, device, log)
+    return 0
+
+
+def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, device, log) -> dict:
+    """Test loss, perplexity and exact answers, then one sentence on what the loss means."""
+    from liandan.data.batching import eval_batches
+    from liandan.evaluate import LOSS_EXPLAINED, evaluate_loss, exact_answers, perplexity
+    from liandan.generate import stop_token_ids
+
+    log("Testing")
+    loss, _ = evaluate_loss(model, test_set, cfg.batch_size, cfg.test_batches, pad_id, device.torch_device)
+    log(f"Test loss {loss:.3f}, Test ppl {perplexity(loss):.3f}.")
+    report = {"test_loss": loss, "test_ppl": perplexity(loss)}
+    if test_file.format != "text":
+        covered = sorted(i for b in eval_batches(test_set, cfg.batch_size, cfg.test_batches) for i in b)
+        examples = [test_file.examples[i] for i in covered]
+        stops = stop_token_ids(tokenizer, model, encoder.rendering)
+        checks = exact_answers(model, tokenizer, encoder, examples, device.torch_device, stops)
+        exact = sum(c.exact for c in checks)
+        log(f"Exact answers: {exact}/{len(checks)} (greedy generation equals the expected answer and stops).")
+        for c in checks:
+            if not c.exact:
+                tail = "" if c.stopped else " … (did not stop)"
+                log(f"  ✗ {c.prompt!r}: expected {c.expected!r}, got {c.got!r}{tail}")
+        report.update(exact=exact, total=len(checks))
+    log(LOSS_EXPLAINED)
+    return report

