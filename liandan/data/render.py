@@ -21,12 +21,12 @@ IGNORE = -100  # label value excluded from the loss (PyTorch's cross_entropy def
 # Used when a model has no chat template (most base models). Documented in the README.
 PLAIN_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] }}\n\n"
-    "{%- elif message['role'] == 'user' -%}### User:\n{{ message['content'] }}\n\n"
-    "{%- elif message['role'] == 'assistant' -%}### Assistant:\n{{ message['content'] }}{{ eos_token }}\n\n"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' + message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '### Assistant:\\n' + message['content'] + eos_token + '\\n\\n' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}### Assistant:\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
 )
 
 _PROBE = "LIANDAN_PROBE_ANSWER"
