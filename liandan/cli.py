@@ -14,6 +14,8 @@ from liandan import __version__
 COMMANDS = {
     "lora": ("liandan.lora", "Fine-tune with LoRA, DoRA or full fine-tuning, and/or test (mlx_lm.lora flags)"),
     "generate": ("liandan.generate", "Generate a completion for one prompt (mlx_lm.generate flags)"),
+    "fuse": ("liandan.fuse", "Merge an adapter into its base model: a standalone Hugging Face model (and GGUF)"),
+    "export": ("liandan.export.cli", "Export GGUF files and Ollama Modelfiles"),
     "demo": ("liandan.demo", "The seed's joke dataset, end to end, on the embedded model"),
 }
 

@@ -132,7 +132,10 @@ def load_pipeline(model_spec: str | None, adapter_path: str | None, system_promp
     if model_spec is None and record.get("base_model"):
         model_spec = record["base_model"]  # the adapter knows its base model
     device = pick_device(dtype)
-    model, tokenizer = load_model(resolve_model(model_spec), device, trust_remote_code)
+    model_dir = resolve_model(model_spec)
+    if not adapter_path and (model_dir / "liandan.json").is_file():
+        record = read_record(model_dir)  # a fused model keeps its training-time rendering
+    model, tokenizer = load_model(model_dir, device, trust_remote_code)
     if adapter_path:
         model = load_adapter(model, Path(adapter_path), record)
     if record.get("rendering"):

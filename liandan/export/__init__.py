@@ -1,0 +1,1 @@
+"""Export: GGUF (export.gguf) and Ollama Modelfiles (export.ollama); `liandan export` (export.cli)."""

@@ -1,0 +1,90 @@
+"""`liandan fuse`: merge the adapter into the base weights and write a standalone Hugging Face model.
+
+The fused directory carries the training-time prompt format with it: `chat_template.jinja` is the
+template used in training, `generation_config.json` lists the trained stop tokens as EOS ids, and
+`liandan.json` keeps the full rendering record (system prompt included). Plain transformers,
+vLLM, llama.cpp's converter and liandan's own GGUF exporter all read those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from liandan.errors import LiandanError
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", help="Base model (default: the adapter's base model)")
+    parser.add_argument("--adapter-path", default="adapters", help="Adapter directory (default: adapters)")
+    parser.add_argument("--save-path", default="fused_model", help="Where to write the fused model (default: fused_model)")
+    parser.add_argument("--export-gguf", action="store_true", help="Also write a GGUF file for llama.cpp / Ollama")
+    parser.add_argument("--gguf-path", default=None, help="GGUF file (default: SAVE_PATH/ggml-model-f16.gguf)")
+    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type (default f16)")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="Accepted for mlx_lm compatibility: liandan always fuses into dequantized weights")
+    parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
+    return parser
+
+
+def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remote_code: bool = False, log=print) -> dict:
+    """Merge and save; returns the rendering record used."""
+    import torch
+
+    from liandan.adapters import load_adapter, read_record
+    from liandan.atomic import atomic_dir
+    from liandan.data.render import Rendering, make_rendering
+    from liandan.generate import stop_token_ids
+    from liandan.models import Device, load_model, resolve_model
+
+    adapter_path, save_path = Path(adapter_path), Path(save_path)
+    if save_path.exists() and any(save_path.iterdir()) and not (save_path / "liandan.json").is_file():
+        raise LiandanError(f"--save-path {save_path} exists and was not written by `liandan fuse`; choose another path")
+    record = read_record(adapter_path)
+    model_spec = model_spec or record.get("base_model")
+    model_dir = resolve_model(model_spec)
+    save_dtype = _saved_dtype(model_dir)
+    # Merge in fp32 so the fused weights equal base + scale * B @ A to the last bit we can keep.
+    model, tokenizer = load_model(model_dir, Device("cpu", torch.float32), trust_remote_code)
+    model = load_adapter(model, adapter_path, record)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    rendering = Rendering.from_dict(record["rendering"]) if record.get("rendering") else make_rendering(tokenizer)
+    tokenizer.chat_template = rendering.chat_template
+    stops = stop_token_ids(tokenizer, model, rendering)
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if save_dtype is not None:
+        model.to(save_dtype)
+    fused_record = dict(record, base_model=str(model_spec), fused_from=str(adapter_path.resolve()),
+                        rendering=rendering.to_dict())
+    with atomic_dir(save_path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "liandan.json").write_text(json.dumps(fused_record, indent=2, ensure_ascii=False), encoding="utf-8")
+    log(f"Saved the fused model to {save_path}")
+    return fused_record
+
+
+def _saved_dtype(model_dir: Path):
+    """Keep the base model's storage precision (a bf16 checkpoint stays bf16 on disk)."""
+    import torch
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def main(args: argparse.Namespace) -> int:
+    from liandan.data.render import Rendering
+    from liandan.export.gguf import export_gguf
+
+    if not Path(args.adapter_path).is_dir():
+        raise LiandanError(f"--adapter-path {args.adapter_path}: not a directory")
+    record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code)
+    if args.export_gguf:
+        rendering = Rendering.from_dict(record["rendering"])
+        gguf_path = Path(args.gguf_path) if args.gguf_path else Path(args.save_path) / f"ggml-model-{args.outtype}.gguf"
+        export_gguf(Path(args.save_path), gguf_path, args.outtype, rendering.chat_template, rendering.stop_tokens)
+    return 0
