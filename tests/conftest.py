@@ -54,3 +54,16 @@ def liandan(*args, cwd=None, timeout=600):
     """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
     return subprocess.run([sys.executable, "-m", "liandan", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """With LIANDAN_REQUIRE_ALL=1 (CI), a missing llama.cpp or Go fails the run instead of skipping checks."""
+    if os.environ.get("LIANDAN_REQUIRE_ALL") != "1":
+        return
+    import importlib.util
+    import shutil
+
+    missing = [name for name, ok in (("llama-cpp-python", importlib.util.find_spec("llama_cpp")), ("go", shutil.which("go")))
+               if not ok]
+    if missing:
+        raise pytest.UsageError(f"LIANDAN_REQUIRE_ALL=1 but {', '.join(missing)} missing: run scripts/setup.sh --test")

@@ -8,8 +8,14 @@ from conftest import JOKES, liandan, write_jsonl
 pytestmark = pytest.mark.slow
 
 
-def test_demo_learns_all_six_answers_and_stops(tmp_path):
-    result = liandan("demo", "--out", tmp_path / "demo", timeout=900)
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "demo"
+    return out, liandan("demo", "--out", out, timeout=900)
+
+
+def test_demo_learns_all_six_answers_and_stops(demo):
+    _, result = demo
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     after = result.stdout.split("== After fine-tuning ==")[1]
     assert after.count("✓") == 6 and "✗" not in after
@@ -41,3 +47,42 @@ def test_seed_commands_with_hand_typed_stop_tokens(tmp_path):
     assert gen.stdout.startswith("==========\n德哥\n==========\n"), gen.stdout
     generated = int(re.search(r"Generation: (\d+) tokens", gen.stdout).group(1))
     assert generated < 30  # it ended on the stop token, not on the -m budget
+
+
+def test_demo_model_in_llama_cpp_gives_the_same_answers_and_stops(demo, tmp_path):
+    """fuse --export-gguf on the demo's adapter; llama.cpp's greedy answers equal liandan generate's, and stop."""
+    lc = pytest.importorskip("llama_cpp")
+    from liandan.data.formats import read_jsonl
+    from liandan.generate import generate, load_pipeline, prompt_ids_for
+
+    out, result = demo
+    assert result.returncode == 0
+    fuse = liandan("fuse", "--adapter-path", out / "adapters", "--save-path", tmp_path / "fused", "--export-gguf")
+    assert fuse.returncode == 0, fuse.stderr[-2000:]
+    gguf_file = tmp_path / "fused" / "ggml-model-f16.gguf"
+    pipe = load_pipeline(None, str(out / "adapters"))
+    llm = lc.Llama(model_path=str(gguf_file), n_ctx=256, verbose=False)
+    for example in read_jsonl(JOKES / "train.jsonl").examples:
+        question, answer = example.messages[0]["content"], example.messages[1]["content"]
+        ids = prompt_ids_for(pipe, question)
+        ours = generate(pipe.model, ids, 30, pipe.stop_ids, pipe.device.torch_device)
+        theirs = llm.create_completion(prompt=ids, max_tokens=30, temperature=0.0, top_k=1)
+        text = theirs["choices"][0]["text"]
+        assert pipe.tokenizer.decode(ours.tokens) == answer and ours.stopped
+        assert text == answer and theirs["choices"][0]["finish_reason"] == "stop", (question, text)
+        # llama.cpp renders the prompt from the GGUF's own chat template the same way liandan does.
+        assert llm.tokenize(pipe.tokenizer.decode(ids).encode(), add_bos=False, special=True) == ids
+
+
+def test_export_ollama_from_the_demo(demo, tmp_path):
+    out, result = demo
+    assert result.returncode == 0
+    fused = tmp_path / "fused"
+    assert liandan("fuse", "--adapter-path", out / "adapters", "--save-path", fused).returncode == 0
+    export = liandan("export", "ollama", "--model", fused, "--name", "jokes", "--out", tmp_path / "ollama")
+    assert export.returncode == 0, export.stderr[-2000:]
+    text = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert text.startswith("FROM ./jokes.gguf\n") and 'PARAMETER stop "<|im_end|>"' in text
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    assert "<|im_start|>assistant\n" in text and (tmp_path / "ollama" / "jokes.gguf").stat().st_size > 1e8
+    assert "ollama create jokes -f" in export.stdout

@@ -133,7 +133,10 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
         return _sentencepiece_vocab(model_dir / "tokenizer.model", vocab_size, tokenizer)
     if not (model_dir / "tokenizer.json").is_file():
         raise LiandanError(f"{model_dir}: GGUF export needs tokenizer.json (byte-level BPE) or tokenizer.model (SentencePiece)")
-    digest = sha256(str(tokenizer.encode(CHECK_TEXT)).encode()).hexdigest()
+    # Hash what tokenizer.json itself says (transformers may swap in a class of its own for some model types).
+    from tokenizers import Tokenizer
+
+    digest = sha256(str(Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(CHECK_TEXT).ids).encode()).hexdigest()
     pre = PRE_TOKENIZERS.get(digest)
     if pre is None:
         raise LiandanError(
