@@ -12,6 +12,7 @@ from liandan import __version__
 # command -> (module, one-line help). Modules are imported only when their command runs,
 # so `liandan --help` stays instant.
 COMMANDS = {
+    "data": ("liandan.data.cli", "Check, prepare and split training data; turn documents into training text"),
     "lora": ("liandan.lora", "Fine-tune with LoRA, DoRA or full fine-tuning, and/or test (mlx_lm.lora flags)"),
     "generate": ("liandan.generate", "Generate a completion for one prompt (mlx_lm.generate flags)"),
     "fuse": ("liandan.fuse", "Merge an adapter into its base model: a standalone Hugging Face model (and GGUF)"),

@@ -65,6 +65,7 @@ class TrainConfig:
     text_feature: str = "text"
     chat_feature: str = "messages"
     system_prompt: str | None = None
+    long_examples: str | None = None  # truncate | split | drop; default: split text, truncate chats
     dtype: str | None = None
     overwrite: bool = False
     trust_remote_code: bool = False

@@ -42,6 +42,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--mask-prompt", dest="mask_prompt", action="store_true", default=None,
         help="Train on answers only (the default; accepted for mlx_lm compatibility)")
     add("--no-mask-prompt", dest="mask_prompt", action="store_false", help="Also train on prompt tokens")
+    add("--long-examples", choices=["truncate", "split", "drop"],
+        help="Examples over --max-seq-length: split (default for text), truncate (default for chats) or drop")
     add("--system-prompt", help="System prompt added to every chat example (and recorded for inference)")
     add("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
     add("--overwrite", action="store_true", default=None, help="Replace an adapter already in --adapter-path")
@@ -108,7 +110,8 @@ def run(cfg, log=print) -> int:
         if cfg.train and splits["train"].format == "text":
             rendering.prompt_style = "raw"
     encoder = Encoder(tokenizer, rendering, cfg.mask_prompt)
-    encoded = {k: encode_file(v, encoder, cfg.max_seq_length, log) for k, v in splits.items() if v is not None}
+    encoded = {k: encode_file(v, encoder, cfg.max_seq_length, log, cfg.long_examples)
+               for k, v in splits.items() if v is not None}
     pad_id = tokenizer.pad_token_id
 
     if cfg.train:

@@ -22,28 +22,53 @@ class EncodedSet:
         return len(self.items)
 
 
-def encode_file(data: DataFile, encoder: Encoder, max_seq_length: int, log=print) -> EncodedSet:
-    """Encode every example of a file; truncate over-long ones (with one warning)."""
+LONG_EXAMPLE_POLICIES = ("truncate", "split", "drop")
+
+
+def encode_file(data: DataFile, encoder: Encoder, max_seq_length: int, log=print, long_examples: str | None = None) -> EncodedSet:
+    """Encode every example of a file; over-long ones are split (text), truncated (chats) or dropped.
+
+    long_examples None picks the default: split documents into windows (nothing is lost), truncate
+    conversations (a split chat would train answers without their question).
+    """
+    policy = long_examples or ("split" if data.format == "text" else "truncate")
+    if policy not in LONG_EXAMPLE_POLICIES:
+        raise LiandanError(f"--long-examples {policy}: expected one of {', '.join(LONG_EXAMPLE_POLICIES)}")
+    if policy == "split" and data.format != "text":
+        log(f"Note: {data.path.name}: --long-examples split applies to text; over-long {data.format} examples are truncated.")
+        policy = "truncate"
     encoder.hand_typed.counts.clear()
-    items, truncated = [], 0
+    items, long_count = [], 0
     for example in data.examples:
         enc = encoder.encode(example)
+        pieces = [enc]
         if len(enc.input_ids) > max_seq_length:
-            truncated += 1
-            enc = Encoded(enc.input_ids[:max_seq_length], enc.labels[:max_seq_length], enc.line)
-        if enc.n_trained == 0:
-            raise LiandanError(
-                f"{data.path}:{example.line}: no tokens left to train on"
-                + (f" after truncation to --max-seq-length {max_seq_length}" if truncated else "")
-            )
-        items.append(enc)
+            long_count += 1
+            if policy == "drop":
+                continue
+            if policy == "split":
+                pieces = [Encoded(enc.input_ids[i : i + max_seq_length], enc.labels[i : i + max_seq_length], enc.line)
+                          for i in range(0, len(enc.input_ids), max_seq_length)]
+                pieces = [p for p in pieces if len(p.input_ids) > 1]
+            else:
+                pieces = [Encoded(enc.input_ids[:max_seq_length], enc.labels[:max_seq_length], enc.line)]
+        for piece in pieces:
+            if piece.n_trained == 0:
+                raise LiandanError(
+                    f"{data.path}:{example.line}: no tokens left to train on"
+                    + (f" after truncation to --max-seq-length {max_seq_length}" if len(enc.input_ids) > max_seq_length else "")
+                )
+            items.append(piece)
     name = data.path.name
     if encoder.hand_typed.counts:
         typed = ", ".join(f"'{t}' ×{n}" for t, n in encoder.hand_typed.counts.items())
         log(f"Note: {name} has stop tokens typed by hand ({typed}); liandan removed them and ends every "
             f"answer with '{encoder.rendering.stop_tokens[0] if data.format != 'text' else encoder.tokenizer.eos_token}' itself.")
-    if truncated:
-        log(f"Warning: {name}: {truncated} example(s) longer than --max-seq-length {max_seq_length} were truncated.")
+    if long_count:
+        done = {"truncate": "truncated", "split": "split into pieces", "drop": "dropped"}[policy]
+        log(f"Warning: {name}: {long_count} example(s) longer than --max-seq-length {max_seq_length} were {done}.")
+    if not items:
+        raise LiandanError(f"{data.path}: no examples left after --long-examples drop")
     return EncodedSet(name, data.format, items)
 
 

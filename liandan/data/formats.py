@@ -57,20 +57,25 @@ def detect_format(record: dict, names: FieldNames) -> str | None:
     return None
 
 
-def read_jsonl(path: str | Path, names: FieldNames | None = None) -> DataFile:
-    """Parse and validate a whole JSONL file; raise LiandanError at the first bad line."""
+def scan_jsonl(path: str | Path, names: FieldNames | None = None):
+    """Stream a JSONL file: yield (format, Example) or (None, LiandanError) per non-empty line.
+
+    Used by read_jsonl (which stops at the first error) and by `liandan data check` (which
+    collects them all); memory stays bounded whatever the file size.
+    """
     names = names or FieldNames()
     path = Path(path)
     if not path.is_file():
         raise LiandanError(f"{path}: file not found")
-    data: DataFile | None = None
+    file_format = None
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise LiandanError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+                yield None, LiandanError(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line)")
+                continue
             if line_no == 1:
                 line = line.lstrip("\ufeff")  # a UTF-8 BOM, as Windows editors write it
             line = line.strip()
@@ -78,21 +83,35 @@ def read_jsonl(path: str | Path, names: FieldNames | None = None) -> DataFile:
                 continue
             try:
                 record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise LiandanError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                fmt = detect_format(record, names)
+                if fmt is None:
+                    raise LiandanError(
+                        f"{where}: no known keys; expected '{names.text}', '{names.prompt}'+'{names.completion}', "
+                        f"or '{names.chat}' (found: {', '.join(sorted(record)) or 'none'})"
+                    )
+                if file_format is None:
+                    file_format = fmt
+                elif fmt != file_format:
+                    raise LiandanError(f"{where}: this line is in the {fmt} format but the file started as {file_format}")
+                yield fmt, _normalise(record, fmt, names, where, line_no)
             except json.JSONDecodeError as exc:
-                raise LiandanError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise LiandanError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            fmt = detect_format(record, names)
-            if fmt is None:
-                raise LiandanError(
-                    f"{where}: no known keys; expected '{names.text}', '{names.prompt}'+'{names.completion}', "
-                    f"or '{names.chat}' (found: {', '.join(sorted(record)) or 'none'})"
-                )
-            if data is None:
-                data = DataFile(path, fmt)
-            elif fmt != data.format:
-                raise LiandanError(f"{where}: this line is in the {fmt} format but the file started as {data.format}")
-            data.examples.append(_normalise(record, fmt, names, where, line_no))
+                yield None, LiandanError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})")
+            except LiandanError as exc:
+                yield None, exc
+
+
+def read_jsonl(path: str | Path, names: FieldNames | None = None) -> DataFile:
+    """Parse and validate a whole JSONL file; raise LiandanError at the first bad line."""
+    path = Path(path)
+    data: DataFile | None = None
+    for fmt, item in scan_jsonl(path, names):
+        if fmt is None:
+            raise item
+        if data is None:
+            data = DataFile(path, fmt)
+        data.examples.append(item)
     if data is None or not data.examples:
         raise LiandanError(f"{path}: the file is empty")
     return data

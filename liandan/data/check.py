@@ -1,0 +1,254 @@
+"""`liandan data check`: what is right and what is wrong with a data directory, before training.
+
+Per file: format and counts, every error as file:line (capped), token lengths as the model will
+see them (chat template + stop token), examples over --max-seq-length, stop tokens typed by hand,
+empty fields and duplicates. Across files: train/valid/test leakage, exact (normalised text) and
+near-duplicate (MinHash over character 5-grams, confirmed by Jaccard similarity).
+
+Files are streamed; per example only a length and a few hashes are kept, and near-duplicate
+signatures only for valid/test, so a 1 GB train.jsonl is checked in bounded memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import statistics
+import unicodedata
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from liandan.data.formats import FieldNames, scan_jsonl
+
+MAX_LISTED = 20
+NEAR_DUP = 0.8  # Jaccard similarity of character 5-grams above which two questions count as the same
+_SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class FileReport:
+    path: Path
+    format: str | None = None
+    examples: int = 0
+    errors: list[str] = field(default_factory=list)
+    error_count: int = 0
+    lengths: array = field(default_factory=lambda: array("I"))
+    over_length: int = 0
+    hand_typed: Counter = field(default_factory=Counter)
+    empty_fields: list[int] = field(default_factory=list)
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (line, first line)
+
+    def to_dict(self) -> dict:
+        lengths = sorted(self.lengths)
+        return {
+            "path": str(self.path), "format": self.format, "examples": self.examples,
+            "errors": self.errors, "error_count": self.error_count,
+            "tokens": _length_stats(lengths) if lengths else None, "over_max_seq_length": self.over_length,
+            "hand_typed_stop_tokens": dict(self.hand_typed), "empty_fields": self.empty_fields,
+            "duplicates": [{"line": a, "same_as_line": b} for a, b in self.duplicates],
+        }
+
+
+def normalise(text: str) -> str:
+    """Case, width, punctuation and spacing do not make two examples different."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = re.sub(r"[\W_]+", " ", text)
+    return " ".join(text.split())
+
+
+def question_of(example) -> str:
+    """The part of an example a test question is matched on: the text, or the user turns."""
+    if example.text is not None:
+        return example.text
+    return "\n".join(m.get("content") or "" for m in example.messages if m["role"] == "user")
+
+
+def whole_of(example) -> str:
+    if example.text is not None:
+        return example.text
+    return "\n".join(f"{m['role']}: {m.get('content') or ''}" for m in example.messages)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+
+class MinHasher:
+    """MinHash signatures of character 5-gram sets (32 permutations, 8 LSH bands of 4)."""
+
+    def __init__(self, perms: int = 32, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.prime = np.uint64((1 << 61) - 1)
+        self.a = rng.integers(1, 1 << 61, perms, dtype=np.uint64)
+        self.b = rng.integers(0, 1 << 61, perms, dtype=np.uint64)
+
+    @staticmethod
+    def shingles(text: str) -> set[str]:
+        text = normalise(text)
+        return {text[i : i + 5] for i in range(max(len(text) - 4, 1))}
+
+    def signature(self, shingles: set[str]) -> np.ndarray:
+        values = np.array([int.from_bytes(_digest(s), "little") >> 4 for s in shingles], dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            hashed = (values[:, None] * self.a[None, :] + self.b[None, :]) % self.prime
+        return hashed.min(axis=0)
+
+    @staticmethod
+    def bands(signature: np.ndarray, rows: int = 4):
+        return [(i, signature[i : i + rows].tobytes()) for i in range(0, len(signature), rows)]
+
+
+def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames) -> tuple[FileReport, list]:
+    """Scan one file; returns its report and (line, question, whole-example digest) for leakage checks."""
+    report = FileReport(path)
+    seen: dict[bytes, int] = {}
+    questions = []
+    if encoder is not None:
+        encoder.hand_typed.counts.clear()
+    for fmt, item in scan_jsonl(path, names):
+        if fmt is None:
+            report.error_count += 1
+            if len(report.errors) < MAX_LISTED:
+                report.errors.append(str(item))
+            continue
+        report.format = report.format or fmt
+        report.examples += 1
+        fields = [item.text] if item.text is not None else [m.get("content") or "" for m in item.messages if m.get("content") is not None]
+        if any(not f.strip() for f in fields):
+            report.empty_fields.append(item.line)
+        key = _digest(normalise(whole_of(item)))
+        if key in seen:
+            report.duplicates.append((item.line, seen[key]))
+        else:
+            seen[key] = item.line
+        questions.append((item.line, question_of(item)))
+        if encoder is not None:
+            n = len(encoder.encode(item).input_ids)
+            report.lengths.append(n)
+            report.over_length += n > max_seq_length
+    if encoder is not None:
+        report.hand_typed = Counter(encoder.hand_typed.counts)
+    if report.examples == 0 and report.error_count == 0:
+        report.error_count = 1
+        report.errors.append(f"{path}: the file is empty")
+    return report, questions
+
+
+def find_leaks(train: list, held_out: list) -> list[dict]:
+    """Held-out examples whose question also appears in train: exactly (normalised) or nearly (MinHash+Jaccard)."""
+    hasher = MinHasher()
+    exact = {}
+    buckets: dict = {}
+    shingle_sets = []
+    for index, (line, text) in enumerate(held_out):
+        exact.setdefault(_digest(normalise(text)), []).append(index)
+        shingles = hasher.shingles(text)
+        shingle_sets.append(shingles)
+        for band in hasher.bands(hasher.signature(shingles)):
+            buckets.setdefault(band, []).append(index)
+    leaks: dict[int, dict] = {}
+    for train_line, text in train:
+        for index in exact.get(_digest(normalise(text)), []):
+            leaks.setdefault(index, {"line": held_out[index][0], "train_line": train_line, "kind": "exact"})
+        shingles = hasher.shingles(text)
+        candidates = {i for band in hasher.bands(hasher.signature(shingles)) for i in buckets.get(band, [])}
+        for index in candidates - set(leaks):
+            other = shingle_sets[index]
+            similarity = len(shingles & other) / max(len(shingles | other), 1)
+            if similarity >= NEAR_DUP:
+                leaks[index] = {"line": held_out[index][0], "train_line": train_line, "kind": f"near ({similarity:.0%})"}
+    return [leaks[i] for i in sorted(leaks)]
+
+
+def _length_stats(lengths: list[int]) -> dict:
+    p95 = lengths[min(len(lengths) - 1, int(round(0.95 * (len(lengths) - 1))))]
+    return {"min": lengths[0], "median": statistics.median(lengths), "p95": p95, "max": lengths[-1]}
+
+
+def histogram(lengths: list[int], bins: int = 8, width: int = 30) -> list[str]:
+    low, high = min(lengths), max(lengths)
+    if low == high:
+        return [f"    {low:>6} | {'█' * width} {len(lengths)}"]
+    bins = min(bins, high - low + 1)
+    step = (high - low + 1) / bins
+    counts = [0] * bins
+    for n in lengths:
+        counts[min(int((n - low) / step), bins - 1)] += 1
+    top = max(counts)
+    return [f"    {int(low + i * step):>6}–{int(low + (i + 1) * step) - 1:<6}| {'█' * max(1 if c else 0, round(width * c / top))} {c}"
+            for i, c in enumerate(counts)]
+
+
+def check(target: Path, encoder, max_seq_length: int, names: FieldNames) -> dict:
+    """Check a data directory ({train,valid,test}.jsonl, other *.jsonl too) or one file."""
+    target = Path(target)
+    files = [target] if target.is_file() else sorted(target.glob("*.jsonl"), key=lambda p: (_rank(p), p.name))
+    reports, questions = [], {}
+    for path in files:
+        report, qs = check_file(path, encoder, max_seq_length, names)
+        reports.append(report)
+        questions[path.stem] = qs
+    leakage = {}
+    if "train" in questions:
+        for split in ("valid", "test"):
+            if questions.get(split):
+                leakage[split] = find_leaks(questions["train"], questions[split])
+    return {"files": reports, "leakage": leakage, "max_seq_length": max_seq_length}
+
+
+def _rank(path: Path) -> int:
+    return _SPLITS.index(path.stem) if path.stem in _SPLITS else len(_SPLITS)
+
+
+def render_report(result: dict, encoder) -> tuple[list[str], int, int]:
+    """Human-readable lines, and the numbers of errors and warnings."""
+    lines, errors, warnings = [], 0, 0
+    limit = result["max_seq_length"]
+    for r in result["files"]:
+        lines.append(f"{r.path}: {r.format or 'unknown format'}, {r.examples} example(s)")
+        for message in r.errors:
+            lines.append(f"  ✗ {message}")
+        if r.error_count > len(r.errors):
+            lines.append(f"  ✗ … {r.error_count - len(r.errors)} more error(s), {r.error_count} in all")
+        errors += r.error_count
+        if len(r.lengths):
+            s = _length_stats(sorted(r.lengths))
+            lines.append(f"  tokens per example, as trained (template + stop token): min {s['min']}, median {s['median']:g}, "
+                         f"p95 {s['p95']}, max {s['max']}")
+            lines += histogram(list(r.lengths))
+            if r.over_length:
+                warnings += 1
+                lines.append(f"  ⚠ {r.over_length} example(s) longer than --max-seq-length {limit}: truncated in training "
+                             "(or use --long-examples split/drop)")
+        if r.hand_typed:
+            warnings += 1
+            typed = ", ".join(f"'{t}' ×{n}" for t, n in r.hand_typed.items())
+            stop = encoder.rendering.stop_tokens[0] if r.format != "text" else encoder.tokenizer.eos_token
+            lines.append(f"  ⚠ stop tokens typed by hand ({typed}): not needed, liandan ends every answer with '{stop}' "
+                         "itself and removes them; you can delete them")
+        if r.empty_fields:
+            warnings += 1
+            lines.append(f"  ⚠ {len(r.empty_fields)} example(s) with an empty or whitespace-only field: lines "
+                         + ", ".join(map(str, r.empty_fields[:MAX_LISTED])))
+        if r.duplicates:
+            warnings += 1
+            shown = ", ".join(f"{a} (= {b})" for a, b in r.duplicates[:MAX_LISTED])
+            lines.append(f"  ⚠ {len(r.duplicates)} duplicate example(s): lines {shown}")
+        if r.examples and not r.errors and not r.hand_typed and not r.empty_fields and not r.duplicates and not r.over_length:
+            lines.append("  ✓ no problems found")
+    for split, leaks in result["leakage"].items():
+        if not leaks:
+            lines.append(f"✓ no {split}/train leakage")
+            continue
+        warnings += 1
+        held = next(r for r in result["files"] if r.path.stem == split)
+        lines.append(f"⚠ leakage: {len(leaks)} of {held.examples} {split} example(s) also appear in train, so {split} "
+                     "loss says little about new questions:")
+        for leak in leaks[:MAX_LISTED]:
+            lines.append(f"    {split}.jsonl:{leak['line']} = train.jsonl:{leak['train_line']} ({leak['kind']})")
+    lines.append(f"{errors} error(s), {warnings} warning(s)")
+    return lines, errors, warnings
