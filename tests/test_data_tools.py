@@ -186,3 +186,21 @@ def test_mixed_formats_train_on_documents_validate_on_questions(tmp_path, tiny_l
 def test_shipped_jokes_check_cleanly_except_the_seeds_own_leakage(encoder):
     text, errors, warnings, _ = run_check(JOKES, encoder)
     assert errors == 0 and "typed by hand" not in text and "leakage" in text
+
+
+def test_data_from_a_saved_datasets_dataset(tmp_path, tiny_llama):
+    datasets = pytest.importorskip("datasets")
+    from liandan.data.formats import load_splits
+
+    rows = [{"question": q, "answer": a} for q, a in SEED]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "validation": datasets.Dataset.from_list(rows[:2])}).save_to_disk(str(tmp_path / "ds"))
+    splits = load_splits(tmp_path / "ds", FieldNames(prompt="question", completion="answer"))
+    assert splits["train"].format == "completions" and len(splits["train"]) == 6 and len(splits["valid"]) == 2
+    assert splits["test"] is None
+    result = liandan("lora", "--model", tiny_llama, "--train", "--data", tmp_path / "ds", "--iters", "1", "--batch-size", "2",
+                     "--adapter-path", tmp_path / "a")
+    assert result.returncode == 2 and "ds/train:1: no known keys" in result.stderr  # field names come from the config
+    offline = liandan("lora", "--model", tiny_llama, "--train", "--data", "mlx-community/wikisql", "--iters", "1",
+                      "--adapter-path", tmp_path / "b")
+    assert offline.returncode == 2 and "cannot load the dataset" in offline.stderr

@@ -7,6 +7,7 @@ jump straight to it. A file is one format; the format is detected from its first
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,9 +165,16 @@ def _require_string(value, key: str, where: str) -> None:
         raise LiandanError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
 
 
-def load_splits(data_dir: str | Path, names: FieldNames | None = None, splits=("train", "valid", "test")) -> dict:
-    """Read {split}.jsonl files from a --data directory. Missing optional splits map to None."""
-    data_dir = Path(data_dir)
+def load_splits(data: str | Path, names: FieldNames | None = None, splits=("train", "valid", "test")) -> dict:
+    """Read the splits behind --data: a directory of {split}.jsonl files, a dataset saved with the
+    `datasets` library (save_to_disk), or a Hugging Face dataset name (downloaded when online).
+    Missing optional splits map to None."""
+    names = names or FieldNames()
+    data_dir = Path(data)
+    if data_dir.is_dir() and any((data_dir / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
+        return _from_datasets(str(data_dir), names, splits, on_disk=True)
+    if not data_dir.exists() and re.match(r"^[\w.-]+/[\w.-]+$", str(data)):
+        return _from_datasets(str(data), names, splits, on_disk=False)
     if not data_dir.is_dir():
         raise LiandanError(f"--data {data_dir}: not a directory (expected one holding train.jsonl, valid.jsonl, test.jsonl)")
     out = {}
@@ -174,3 +182,43 @@ def load_splits(data_dir: str | Path, names: FieldNames | None = None, splits=("
         path = data_dir / f"{split}.jsonl"
         out[split] = read_jsonl(path, names) if path.is_file() else None
     return out
+
+
+_DATASET_SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
+
+
+def _from_datasets(source: str, names: FieldNames, splits, on_disk: bool) -> dict:
+    try:
+        import datasets
+    except ImportError:
+        raise LiandanError(f"--data {source}: reading datasets needs the `datasets` package: pip install datasets") from None
+    try:
+        loaded = datasets.load_from_disk(source) if on_disk else datasets.load_dataset(source)
+    except Exception as exc:
+        where = "" if on_disk else " (is this machine online? HF_ENDPOINT selects a mirror)"
+        raise LiandanError(f"--data {source}: cannot load the dataset{where}: {str(exc).splitlines()[0]}") from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = {"train": loaded}
+    out = {}
+    for split in splits:
+        found = next((n for n in _DATASET_SPLIT_NAMES[split] if n in loaded), None)
+        out[split] = _datafile_from_records(loaded[found], Path(source) / found, names) if found else None
+    return out
+
+
+def _datafile_from_records(records, label: Path, names: FieldNames) -> DataFile:
+    data = None
+    for index, record in enumerate(records, start=1):
+        where = f"{label}:{index}"
+        fmt = detect_format(record, names)
+        if fmt is None:
+            raise LiandanError(f"{where}: no known keys; expected '{names.text}', '{names.prompt}'+'{names.completion}', "
+                               f"or '{names.chat}' (found: {', '.join(sorted(record))})")
+        if data is None:
+            data = DataFile(label, fmt)
+        elif fmt != data.format:
+            raise LiandanError(f"{where}: this row is in the {fmt} format but the split started as {data.format}")
+        data.examples.append(_normalise(record, fmt, names, where, index))
+    if data is None:
+        raise LiandanError(f"{label}: the split is empty")
+    return data
