@@ -68,6 +68,8 @@ class TrainConfig:
     long_examples: str | None = None  # truncate | split | drop; default: split text, truncate chats
     dtype: str | None = None
     overwrite: bool = False
+    resume: str | None = None  # "latest" or a checkpoint directory: continue a run exactly
+    skip_nonfinite: bool = False
     trust_remote_code: bool = False
 
     def to_dict(self) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 from pathlib import Path
 
 from liandan.errors import LiandanError
@@ -47,6 +48,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--system-prompt", help="System prompt added to every chat example (and recorded for inference)")
     add("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
     add("--overwrite", action="store_true", default=None, help="Replace an adapter already in --adapter-path")
+    add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="Continue an interrupted run exactly: from the latest checkpoint in --adapter-path, or this one")
+    add("--skip-nonfinite", action="store_true", default=None,
+        help="Skip batches whose loss or gradient is not finite (default: stop with a message)")
     add("--trust-remote-code", action="store_true", default=None, help="Allow model code from the model directory")
     return parser
 
@@ -58,7 +63,19 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, flags)
     if not cfg.train and not cfg.test:
         raise LiandanError("nothing to do: give --train, --test, or both")
-    return run(cfg)
+    from liandan.train import TrainingInterrupted
+
+    try:
+        return run(cfg)
+    except TrainingInterrupted as stop:
+        import shlex
+        import signal
+        import sys
+
+        again = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
+        print(f"\nStopped at iteration {stop.iteration}; checkpoint saved in {stop.checkpoint}.\n"
+              f"Resume with: liandan {shlex.join(again)} --resume", file=sys.stderr)
+        return 130 if stop.signum == signal.SIGINT else 143
 
 
 def run(cfg, log=print) -> int:
@@ -72,14 +89,25 @@ def run(cfg, log=print) -> int:
     from liandan.data.render import Encoder, Rendering, make_rendering
     from liandan.models import DEFAULT_MODEL, load_model, pick_device, resolve_model
 
+    from liandan.train import latest_checkpoint, load_trainer_state
+
     adapter_dir = Path(cfg.adapter_path)
     record = {}
-    if cfg.train:
+    resume_from = None
+    if cfg.train and cfg.resume:
+        resume_from = latest_checkpoint(adapter_dir) if cfg.resume == "latest" else Path(cfg.resume)
+        if resume_from is None or not (resume_from / "trainer_state.pt").is_file():
+            raise LiandanError(f"--resume: no checkpoint found in {resume_from or adapter_dir / 'checkpoints'}")
+    elif cfg.train:
         if any((adapter_dir / f).exists() for f in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS)) and not cfg.overwrite:
             raise LiandanError(
-                f"{adapter_dir} already holds an adapter from another run; pass --overwrite to replace it "
-                "or choose another --adapter-path"
+                f"{adapter_dir} already holds an adapter from another run; pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --adapter-path"
             )
+        if cfg.overwrite:
+            shutil.rmtree(adapter_dir / "checkpoints", ignore_errors=True)
+    if cfg.train:
+        check_writable(adapter_dir)
     else:
         record = read_record(adapter_dir)
         if cfg.model is None and record.get("base_model"):
@@ -122,10 +150,17 @@ def run(cfg, log=print) -> int:
         log(summary)
         if cfg.resume_adapter_file:
             load_weights_into(model, Path(cfg.resume_adapter_file))
+        state = None
+        if resume_from is not None:
+            load_weights_into(model, resume_from)
+            state = load_trainer_state(resume_from)
+            log(f"Resuming from {resume_from} (iteration {state['iteration']})")
+            if state["iteration"] >= cfg.iters:
+                raise LiandanError(f"{resume_from} is at iteration {state['iteration']}, already >= --iters {cfg.iters}")
         if "valid" not in encoded:
             log(f"Note: --data {cfg.data} has no valid.jsonl; training without validation.")
         result = train(model, cfg, encoded["train"], encoded.get("valid"), pad_id, device.torch_device, adapter_dir,
-                       lambda it: make_record(cfg, base_model, rendering, it), log)
+                       lambda it: make_record(cfg, base_model, rendering, it), log, resume=state)
         log(f"Saved final weights to {adapter_dir}. Loss curve: {adapter_dir / 'loss.png'}")
         log(f"Trained {result.iterations} iterations in {result.seconds:.1f}s: {result.tokens_per_second:.1f} tokens/s, "
             f"peak memory {result.peak_memory_gb:.3f} GB")
@@ -138,6 +173,21 @@ def run(cfg, log=print) -> int:
         else:
             test_report(model, tokenizer, encoder, splits["test"], encoded["test"], cfg, pad_id, device, log)
     return 0
+
+
+def check_writable(directory: Path) -> None:
+    """Fail before training, not after hours of it, when checkpoints cannot be written."""
+    import tempfile
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise LiandanError(f"--adapter-path {directory}: cannot write there ({exc.strerror})") from None
+    free = shutil.disk_usage(directory).free
+    if free < 50e6:
+        raise LiandanError(f"--adapter-path {directory}: only {free / 1e6:.0f} MB free; checkpoints need more")
 
 
 def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, device, log) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from liandan.adapters import save_adapter_files
-from liandan.atomic import atomic_path
+from liandan.atomic import atomic_dir, atomic_path
 from liandan.config import TrainConfig, lr_multiplier
 from liandan.data.batching import EncodedSet, collate, iterate_batches
 from liandan.errors import LiandanError
@@ -46,6 +47,18 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved before raising."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path):
+        super().__init__(f"interrupted at iteration {iteration}")
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"
+
+
 def make_optimizer(params, cfg: TrainConfig):
     extra = dict(cfg.optimizer_config.get(cfg.optimizer, {})) if cfg.optimizer_config else {}
     if cfg.optimizer == "adam":
@@ -56,16 +69,55 @@ def make_optimizer(params, cfg: TrainConfig):
     return torch.optim.SGD(params, lr=cfg.learning_rate, **extra)
 
 
+def latest_checkpoint(adapter_dir: Path) -> Path | None:
+    found = sorted(p for p in (Path(adapter_dir) / CHECKPOINTS).glob("[0-9]" * 7) if (p / TRAINER_STATE).is_file())
+    return found[-1] if found else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    # weights_only: a checkpoint is data, never code (no pickle execution).
+    return torch.load(Path(checkpoint) / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+def save_checkpoint(model, optimizer, scheduler, adapter_dir: Path, it: int, record: dict, counters: dict) -> Path:
+    """Adapter + optimizer + scheduler + RNG + position in the data, as one directory written atomically."""
+    checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
+    try:
+        with atomic_dir(checkpoint) as tmp:
+            save_adapter_files(model, tmp, record)
+            torch.save({"iteration": it, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "counters": counters}, tmp / TRAINER_STATE)
+        save_adapter_files(model, adapter_dir, record)
+    except OSError as exc:
+        last = latest_checkpoint(adapter_dir)
+        raise LiandanError(f"cannot write the checkpoint of iteration {it} in {adapter_dir}: {exc.strerror}; "
+                           f"the last complete checkpoint is {last or 'none'}") from None
+    return checkpoint
+
+
 def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet | None, pad_id: int, device,
-          adapter_dir: Path, record_for, log=print) -> TrainResult:
-    """Train for cfg.iters optimizer steps. `record_for(iteration)` gives the record saved with each adapter."""
+          adapter_dir: Path, record_for, log=print, resume: dict | None = None) -> TrainResult:
+    """Train for cfg.iters optimizer steps. `record_for(iteration)` gives the record saved with each adapter.
+
+    `resume` is a trainer state from load_trainer_state(): the run continues exactly where it stopped
+    (same batches, optimizer moments, schedule and RNG), so the result equals an uninterrupted run.
+    """
     adapter_dir = Path(adapter_dir)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
+    first = 1
+    counters = {"tokens": 0, "trained": 0, "skipped_nonfinite": 0}
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["torch_rng"])
+        counters.update(resume.get("counters", {}))
+        first = resume["iteration"] + 1
     batches = iterate_batches(train_set, cfg.batch_size, cfg.seed)
-    metrics = open(adapter_dir / METRICS, "w", encoding="utf-8")
+    for _ in range((first - 1) * cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
+        next(batches)
+    metrics = open(adapter_dir / METRICS, "a" if resume else "w", encoding="utf-8")
 
     def emit(entry: dict, line: str) -> None:
         metrics.write(json.dumps(entry) + "\n")
@@ -82,16 +134,24 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
         emit({"iteration": it, "val_loss": loss, "val_time": took}, f"Iter {it}: Val loss {loss:.3f}, Val took {took:.3f}s")
         return loss
 
-    log(f"Starting training..., iters: {cfg.iters}")
+    # SIGINT/SIGTERM: finish the current step, save a checkpoint, then stop (TrainingInterrupted).
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log(f"Starting training..., iters: {cfg.iters}" + (f" (resuming after iteration {first - 1})" if resume else ""))
     model.train()
     window = {"loss": 0.0, "trained": 0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
-    total_tokens = total_trained = 0
     last_train_loss, last_val = float("nan"), None
     started = time.perf_counter()
     # disable=None: a live bar on a terminal, none in logs and CI output.
-    bar = tqdm(total=cfg.iters, desc="Training", unit="it", dynamic_ncols=True, file=sys.stderr, leave=False, disable=None)
+    bar = tqdm(total=cfg.iters, initial=first - 1, desc="Training", unit="it", dynamic_ncols=True, file=sys.stderr,
+               leave=False, disable=None)
+    it = first - 1
     try:
-        for it in range(1, cfg.iters + 1):
+        for it in range(first, cfg.iters + 1):
             if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
                 last_val = validate(it)
             micro = [collate([train_set.items[i] for i in next(batches)[1]], pad_id, device)
@@ -104,24 +164,33 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                 (loss_sum / n_step).backward()
                 step_loss += float(loss_sum.detach())
                 window["tokens"] += int(batch["attention_mask"].sum())
-            if not math.isfinite(step_loss):
-                raise LiandanError(
-                    f"iteration {it}: the loss is {step_loss}; lower --learning-rate, or check the data. "
-                    f"The last saved adapter in {adapter_dir} is intact"
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window["loss"] += step_loss
-            window["trained"] += n_step
-            window["steps"] += 1
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                what = "loss" if not math.isfinite(step_loss) else "gradient norm"
+                if not cfg.skip_nonfinite:
+                    last = latest_checkpoint(adapter_dir)
+                    raise LiandanError(
+                        f"iteration {it}: the {what} is not finite; lower --learning-rate or check the data "
+                        f"(--skip-nonfinite skips such batches). Last good checkpoint: {last or 'none'}"
+                    )
+                counters["skipped_nonfinite"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                log(f"Iter {it}: non-finite {what}, batch skipped ({counters['skipped_nonfinite']} so far)")
+            else:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                window["loss"] += step_loss
+                window["trained"] += n_step
+                window["steps"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss / n_step:.3f}")
 
-            if it % cfg.steps_per_report == 0 or it == cfg.iters:
+            if (it % cfg.steps_per_report == 0 or it == cfg.iters) and window["steps"]:
                 elapsed = time.perf_counter() - window["start"]
-                total_tokens += window["tokens"]
-                total_trained += window["trained"]
+                counters["tokens"] += window["tokens"]
+                counters["trained"] += window["trained"]
                 last_train_loss = window["loss"] / window["trained"]
                 entry = {
                     "iteration": it,
@@ -129,30 +198,33 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                     "learning_rate": optimizer.param_groups[0]["lr"],
                     "it_per_sec": window["steps"] / elapsed,
                     "tokens_per_sec": window["tokens"] / elapsed,
-                    "trained_tokens": total_trained,
-                    "tokens": total_tokens,
+                    "trained_tokens": counters["trained"],
+                    "tokens": counters["tokens"],
                     "peak_memory_gb": peak_memory_gb(),
                 }
                 emit(entry, f"Iter {it}: Train loss {last_train_loss:.3f}, Learning Rate {entry['learning_rate']:.3e}, "
                      f"It/sec {entry['it_per_sec']:.3f}, Tokens/sec {entry['tokens_per_sec']:.1f}, "
-                     f"Trained Tokens {total_trained}, Peak mem {entry['peak_memory_gb']:.3f} GB")
+                     f"Trained Tokens {counters['trained']}, Peak mem {entry['peak_memory_gb']:.3f} GB")
                 window = {"loss": 0.0, "trained": 0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
 
-            if it % cfg.save_every == 0 or it == cfg.iters:
-                save_adapter_files(model, adapter_dir, record_for(it))
-                checkpoint = adapter_dir / "checkpoints" / f"{it:07d}"
-                save_adapter_files(model, checkpoint, record_for(it))
-                with atomic_path(checkpoint / "optimizer.pt") as tmp:
-                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "iteration": it}, tmp)
+            if it % cfg.save_every == 0 or it == cfg.iters or stop["signal"]:
+                checkpoint = save_checkpoint(model, optimizer, scheduler, adapter_dir, it, record_for(it), counters)
                 with tqdm.external_write_mode(file=sys.stderr):
                     log(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
+                if stop["signal"]:
+                    raise TrainingInterrupted(stop["signal"], it, checkpoint)
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         bar.close()
         metrics.close()
     seconds = time.perf_counter() - started
     model.eval()
+    if counters["skipped_nonfinite"]:
+        log(f"Skipped {counters['skipped_nonfinite']} batch(es) with a non-finite loss or gradient.")
     plot_losses(adapter_dir / METRICS, adapter_dir / LOSS_PLOT)
-    return TrainResult(cfg.iters, last_train_loss, last_val, seconds, total_tokens, total_trained, peak_memory_gb())
+    return TrainResult(cfg.iters, last_train_loss, last_val, seconds, counters["tokens"], counters["trained"],
+                       peak_memory_gb())
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

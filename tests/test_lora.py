@@ -41,7 +41,7 @@ def test_seed_command_trains_and_writes_everything(tmp_path, tiny_qwen2):
     assert "Trainable parameters:" in out and "Iter 1: Val loss" in out and "Iter 6: Train loss" in out
     assert "typed by hand ('<|endoftext|>' ×8)" in out and "'<|im_end|>'" in out
     for name in ("adapter_model.safetensors", "adapter_config.json", "liandan.json", "metrics.jsonl", "loss.png",
-                 "checkpoints/0000003/adapter_model.safetensors", "checkpoints/0000006/optimizer.pt"):
+                 "checkpoints/0000003/adapter_model.safetensors", "checkpoints/0000006/trainer_state.pt"):
         assert (adapters / name).is_file(), name
     assert (adapters / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((adapters / "adapter_config.json").read_text())
@@ -157,6 +157,15 @@ def test_lora_keys_select_modules(tiny_llama):
      "cannot download 'Qwen/Qwen2.5-1.5B'"),
     (lambda d: (d / "config.json").write_text("{}"), ["--model", "{d}"], "is missing weights (*.safetensors), tokenizer files"),
     (lambda d: None, ["--learning-rate", "-1"], "--learning-rate must be positive"),
+    (lambda d: (d / "train.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n'), [], "train.jsonl:2: not valid UTF-8"),
+    (lambda d: (d / "train.jsonl").write_text('{"text": "' + "x" * 10_000_000 + '\n'), [], "train.jsonl:1: invalid JSON"),
+    (lambda d: write_jsonl(d / "train.jsonl", [{"messages": []}]), [], "train.jsonl:1: 'messages' must be a non-empty list"),
+    (lambda d: write_jsonl(d / "train.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]), [],
+     "train.jsonl:1: the chat has no assistant turn"),
+    (lambda d: write_jsonl(d / "train.jsonl", [{"prompt": ["a"], "completion": "b"}]), [], "'prompt' must be a string"),
+    (lambda d: write_jsonl(d / "train.jsonl", [{"prompt": "q", "completion": "  "}]), [], "'completion' is empty"),
+    (lambda d: (d / "m").mkdir() or (d / "m" / "config.json").write_text("{}") or (d / "m" / "model.safetensors").write_bytes(b""),
+     ["--model", "{d}/m"], "is missing tokenizer files"),
 ])
 def test_errors_are_one_line_exit_2(tmp_path, tiny_llama, setup, args, message):
     data = tmp_path / "data"
