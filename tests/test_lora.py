@@ -145,6 +145,12 @@ def test_lora_keys_select_modules(tiny_llama):
     assert len(names) == 8 and all(n.endswith(("q_proj", "v_proj")) for n in names)
 
 
+def model_without_tokenizer(path):
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+
+
 @pytest.mark.parametrize("setup, args, message", [
     (lambda d: write_jsonl(d / "train.jsonl", ['{"prompt": "q", "completion": "a"}', '{"prompt": "q", "comp']),
      [], "train.jsonl:2: invalid JSON"),
@@ -164,8 +170,7 @@ def test_lora_keys_select_modules(tiny_llama):
      "train.jsonl:1: the chat has no assistant turn"),
     (lambda d: write_jsonl(d / "train.jsonl", [{"prompt": ["a"], "completion": "b"}]), [], "'prompt' must be a string"),
     (lambda d: write_jsonl(d / "train.jsonl", [{"prompt": "q", "completion": "  "}]), [], "'completion' is empty"),
-    (lambda d: (d / "m").mkdir() or (d / "m" / "config.json").write_text("{}") or (d / "m" / "model.safetensors").write_bytes(b""),
-     ["--model", "{d}/m"], "is missing tokenizer files"),
+    (lambda d: model_without_tokenizer(d / "m"), ["--model", "{d}/m"], "is missing tokenizer files"),
 ])
 def test_errors_are_one_line_exit_2(tmp_path, tiny_llama, setup, args, message):
     data = tmp_path / "data"
