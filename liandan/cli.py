@@ -17,6 +17,8 @@ COMMANDS = {
     "generate": ("liandan.generate", "Generate a completion for one prompt (mlx_lm.generate flags)"),
     "fuse": ("liandan.fuse", "Merge an adapter into its base model: a standalone Hugging Face model (and GGUF)"),
     "export": ("liandan.export.cli", "Export GGUF files and Ollama Modelfiles"),
+    "chat": ("liandan.chat", "Chat with a model or adapter in the terminal (multi-turn, streamed)"),
+    "serve": ("liandan.serve", "An OpenAI-compatible HTTP API (binds 127.0.0.1 unless told otherwise)"),
     "demo": ("liandan.demo", "The seed's joke dataset, end to end, on the embedded model"),
 }
 

@@ -86,3 +86,23 @@ def test_export_ollama_from_the_demo(demo, tmp_path):
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     assert "<|im_start|>assistant\n" in text and (tmp_path / "ollama" / "jokes.gguf").stat().st_size > 1e8
     assert "ollama create jokes -f" in export.stdout
+
+
+def test_serve_the_demo_adapter_with_the_openai_client(demo):
+    openai = pytest.importorskip("openai")
+    from test_serve import Server
+
+    from liandan.data.formats import read_jsonl
+
+    out, result = demo
+    assert result.returncode == 0
+    server = Server("--adapter-path", out / "adapters", "--model-name", "jokes")
+    try:
+        client = server.client()
+        for example in read_jsonl(JOKES / "train.jsonl").examples:
+            question, answer = example.messages[0]["content"], example.messages[1]["content"]
+            reply = client.chat.completions.create(model="jokes", messages=[{"role": "user", "content": question}],
+                                                   max_tokens=30)
+            assert reply.choices[0].message.content == answer and reply.choices[0].finish_reason == "stop"
+    finally:
+        server.stop()
