@@ -112,13 +112,13 @@ def save_adapter(model, directory: Path, record: dict) -> None:
         save_adapter_files(model, tmp, record)
 
 
-def save_adapter_files(model, directory: Path, record: dict) -> None:
+def save_adapter_files(model, directory: Path, record: dict, weights: dict | None = None) -> None:
     """Like save_adapter, but file by file into an existing directory that holds other things too."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if record["fine_tune_type"] == "full":
         with atomic_path(directory / FULL_WEIGHTS) as tmp:
-            save_file(trainable_state(model), str(tmp))
+            save_file(weights if weights is not None else trainable_state(model), str(tmp))
     else:
         from peft import get_peft_model_state_dict
 

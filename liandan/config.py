@@ -70,6 +70,7 @@ class TrainConfig:
     overwrite: bool = False
     resume: str | None = None  # "latest" or a checkpoint directory: continue a run exactly
     skip_nonfinite: bool = False
+    fsdp: bool = False  # under torchrun, full fine-tuning shards parameters/gradients/optimizer (FSDP2)
     trust_remote_code: bool = False
 
     def to_dict(self) -> dict:

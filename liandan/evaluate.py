@@ -51,13 +51,17 @@ def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data: EncodedSet, batch_size: int, max_batches: int, pad_id: int, device) -> tuple[float, int]:
-    """Mean loss per trained token over (up to max_batches of) a set."""
+def evaluate_loss(model, data: EncodedSet, batch_size: int, max_batches: int, pad_id: int, device,
+                  forward=None) -> tuple[float, int]:
+    """Mean loss per trained token over (up to max_batches of) a set.
+
+    `forward(batch) -> (loss sum, tokens)` replaces supervised_loss when the model is wrapped (DDP/FSDP)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in eval_batches(data, batch_size, max_batches):
-        loss, n = supervised_loss(model, collate([data.items[i] for i in batch], pad_id, device))
+        inputs = collate([data.items[i] for i in batch], pad_id, device)
+        loss, n = forward(inputs) if forward else supervised_loss(model, inputs)
         total += float(loss)
         count += n
     model.train(was_training)

@@ -45,6 +45,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--no-mask-prompt", dest="mask_prompt", action="store_false", help="Also train on prompt tokens")
     add("--long-examples", choices=["truncate", "split", "drop"],
         help="Examples over --max-seq-length: split (default for text), truncate (default for chats) or drop")
+    add("--fsdp", action="store_true", default=None,
+        help="Under torchrun with --fine-tune-type full: shard parameters, gradients and optimizer state (FSDP2)")
     add("--system-prompt", help="System prompt added to every chat example (and recorded for inference)")
     add("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
     add("--overwrite", action="store_true", default=None, help="Replace an adapter already in --adapter-path")
@@ -63,10 +65,18 @@ def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, flags)
     if not cfg.train and not cfg.test:
         raise LiandanError("nothing to do: give --train, --test, or both")
+    from liandan.dist import init_distributed, shutdown
     from liandan.train import TrainingInterrupted
 
+    dist = init_distributed()
     try:
-        return run(cfg)
+        return run(cfg, dist=dist) if dist.enabled else run(cfg)
+    except RuntimeError as exc:
+        if not dist.enabled:
+            raise
+        # A peer died (gloo/NCCL report it as a RuntimeError here): one clear line, no traceback per rank.
+        raise LiandanError(f"rank {dist.rank}: the distributed run failed ({str(exc).splitlines()[0][:200]}); "
+                           "completed checkpoints are intact, no partial adapter was written") from None
     except TrainingInterrupted as stop:
         import shlex
         import signal
@@ -76,11 +86,23 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nStopped at iteration {stop.iteration}; checkpoint saved in {stop.checkpoint}.\n"
               f"Resume with: liandan {shlex.join(again)} --resume", file=sys.stderr)
         return 130 if stop.signum == signal.SIGINT else 143
+    finally:
+        shutdown(dist)
 
 
-def run(cfg, log=print) -> int:
+def run(cfg, log=print, dist=None) -> int:
     import torch
 
+    from liandan.dist import Dist
+
+    dist = dist or Dist()
+    if not dist.is_main:
+        log = _silent  # only rank 0 talks and writes
+    if dist.enabled and cfg.batch_size % dist.world:
+        raise LiandanError(f"--batch-size {cfg.batch_size} is the global batch; it must be a multiple of the "
+                           f"{dist.world} processes")
+    if cfg.fsdp and cfg.fine_tune_type != "full":
+        raise LiandanError("--fsdp shards full fine-tuning; LoRA/DoRA adapters are small and use DDP")
     from liandan.adapters import (
         FULL_WEIGHTS, PEFT_WEIGHTS, RECORD, load_adapter, load_weights_into, make_record, read_record, setup_finetuning,
     )
@@ -104,10 +126,12 @@ def run(cfg, log=print) -> int:
                 f"{adapter_dir} already holds an adapter from another run; pass --resume to continue it, "
                 "--overwrite to replace it, or choose another --adapter-path"
             )
-        if cfg.overwrite:
+        if cfg.overwrite and dist.is_main:
             shutil.rmtree(adapter_dir / "checkpoints", ignore_errors=True)
     if cfg.train:
-        check_writable(adapter_dir)
+        if dist.is_main:
+            check_writable(adapter_dir)
+        dist.barrier()
     else:
         record = read_record(adapter_dir)
         if cfg.model is None and record.get("base_model"):
@@ -160,19 +184,26 @@ def run(cfg, log=print) -> int:
         if "valid" not in encoded:
             log(f"Note: --data {cfg.data} has no valid.jsonl; training without validation.")
         result = train(model, cfg, encoded["train"], encoded.get("valid"), pad_id, device.torch_device, adapter_dir,
-                       lambda it: make_record(cfg, base_model, rendering, it), log, resume=state)
+                       lambda it: make_record(cfg, base_model, rendering, it), log, resume=state, dist=dist,
+                       fsdp=cfg.fsdp and dist.enabled)
         log(f"Saved final weights to {adapter_dir}. Loss curve: {adapter_dir / 'loss.png'}")
         log(f"Trained {result.iterations} iterations in {result.seconds:.1f}s: {result.tokens_per_second:.1f} tokens/s, "
             f"peak memory {result.peak_memory_gb:.3f} GB")
     elif cfg.test:
         model = load_adapter(model, adapter_dir, record) if (adapter_dir / RECORD).exists() or (adapter_dir / PEFT_WEIGHTS).exists() else model
 
-    if cfg.test:
+    if cfg.test and dist.enabled:
+        log("Note: --test runs in a single process; run `liandan lora --test --adapter-path ...` after this job.")
+    elif cfg.test:
         if "test" not in encoded:
             log(f"Note: --data {cfg.data} has no test.jsonl; skipping the test.")
         else:
             test_report(model, tokenizer, encoder, splits["test"], encoded["test"], cfg, pad_id, device, log)
     return 0
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 def check_writable(directory: Path) -> None:

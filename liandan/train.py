@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from liandan.adapters import save_adapter_files
+from liandan.adapters import decoder_layers, save_adapter_files
 from liandan.atomic import atomic_dir, atomic_path
 from liandan.config import TrainConfig, lr_multiplier
 from liandan.data.batching import EncodedSet, collate, iterate_batches
+from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, supervised_loss
 from liandan.generate import peak_memory_gb
@@ -55,6 +56,17 @@ class TrainingInterrupted(Exception):
         self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
 
 
+class LossModule(torch.nn.Module):
+    """The training forward pass as one module, so DDP/FSDP wrap exactly what is computed."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return supervised_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+
+
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 
@@ -79,15 +91,28 @@ def load_trainer_state(checkpoint: Path) -> dict:
     return torch.load(Path(checkpoint) / TRAINER_STATE, map_location="cpu", weights_only=True)
 
 
-def save_checkpoint(model, optimizer, scheduler, adapter_dir: Path, it: int, record: dict, counters: dict) -> Path:
+def gather_states(model, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
+    """(trainable weights, optimizer state) as full tensors; with FSDP every rank must call this."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    weights = {k: v for k, v in get_model_state_dict(model, options=options).items() if k in trainable}
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def save_checkpoint(model, optimizer_state: dict, scheduler, adapter_dir: Path, it: int, record: dict, counters: dict,
+                    weights: dict | None = None) -> Path:
     """Adapter + optimizer + scheduler + RNG + position in the data, as one directory written atomically."""
     checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
     try:
         with atomic_dir(checkpoint) as tmp:
-            save_adapter_files(model, tmp, record)
-            torch.save({"iteration": it, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            save_adapter_files(model, tmp, record, weights)
+            torch.save({"iteration": it, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "counters": counters}, tmp / TRAINER_STATE)
-        save_adapter_files(model, adapter_dir, record)
+        save_adapter_files(model, adapter_dir, record, weights)
     except OSError as exc:
         last = latest_checkpoint(adapter_dir)
         raise LiandanError(f"cannot write the checkpoint of iteration {it} in {adapter_dir}: {exc.strerror}; "
@@ -96,20 +121,28 @@ def save_checkpoint(model, optimizer, scheduler, adapter_dir: Path, it: int, rec
 
 
 def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet | None, pad_id: int, device,
-          adapter_dir: Path, record_for, log=print, resume: dict | None = None) -> TrainResult:
+          adapter_dir: Path, record_for, log=print, resume: dict | None = None, dist: Dist | None = None,
+          fsdp: bool = False) -> TrainResult:
     """Train for cfg.iters optimizer steps. `record_for(iteration)` gives the record saved with each adapter.
 
     `resume` is a trainer state from load_trainer_state(): the run continues exactly where it stopped
     (same batches, optimizer moments, schedule and RNG), so the result equals an uninterrupted run.
     """
     adapter_dir = Path(adapter_dir)
-    params = [p for p in model.parameters() if p.requires_grad]
+    dist = dist or Dist()
+    forward = wrap_for_training(LossModule(model), dist, fsdp, decoder_layers(model))
+    params = [p for p in forward.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     first = 1
     counters = {"tokens": 0, "trained": 0, "skipped_nonfinite": 0}
-    if resume:
+    if resume and fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, resume["optimizer"], options=StateDictOptions(full_state_dict=True))
+    elif resume:
         optimizer.load_state_dict(resume["optimizer"])
+    if resume:
         scheduler.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
         counters.update(resume.get("counters", {}))
@@ -117,9 +150,11 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
     batches = iterate_batches(train_set, cfg.batch_size, cfg.seed)
     for _ in range((first - 1) * cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
         next(batches)
-    metrics = open(adapter_dir / METRICS, "a" if resume else "w", encoding="utf-8")
+    metrics = open(adapter_dir / METRICS, "a" if resume else "w", encoding="utf-8") if dist.is_main else None
 
     def emit(entry: dict, line: str) -> None:
+        if metrics is None:
+            return
         metrics.write(json.dumps(entry) + "\n")
         metrics.flush()
         with tqdm.external_write_mode(file=sys.stderr):  # keeps the bar from tearing the line
@@ -129,7 +164,8 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
         if valid_set is None or cfg.val_batches == 0:
             return None
         start = time.perf_counter()
-        loss, _ = evaluate_loss(model, valid_set, cfg.batch_size, cfg.val_batches, pad_id, device)
+        loss, _ = evaluate_loss(model, valid_set, cfg.batch_size, cfg.val_batches, pad_id, device,
+                                lambda b: forward(b["input_ids"], b["attention_mask"], b["labels"]))
         took = time.perf_counter() - start
         emit({"iteration": it, "val_loss": loss, "val_time": took}, f"Iter {it}: Val loss {loss:.3f}, Val took {took:.3f}s")
         return loss
@@ -148,22 +184,26 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
     started = time.perf_counter()
     # disable=None: a live bar on a terminal, none in logs and CI output.
     bar = tqdm(total=cfg.iters, initial=first - 1, desc="Training", unit="it", dynamic_ncols=True, file=sys.stderr,
-               leave=False, disable=None)
+               leave=False, disable=None if dist.is_main else True)
     it = first - 1
     try:
         for it in range(first, cfg.iters + 1):
             if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
                 last_val = validate(it)
-            micro = [collate([train_set.items[i] for i in next(batches)[1]], pad_id, device)
-                     for _ in range(cfg.grad_accumulation_steps)]
-            # Normalise by the trained tokens of the whole step, so accumulation equals one big batch.
-            n_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            step_loss = 0.0
-            for batch in micro:
-                loss_sum, _ = supervised_loss(model, batch)
-                (loss_sum / n_step).backward()
+            # Each rank takes its share of the global batch; the loss is normalised by the trained tokens of the
+            # whole global step (all ranks, all micro-batches), so N processes compute what one process would.
+            global_batches = [[train_set.items[i] for i in next(batches)[1]] for _ in range(cfg.grad_accumulation_steps)]
+            n_step = sum(sum(1 for label in item.labels[1:] if label != -100) for b in global_batches for item in b)
+            step_loss = tokens = 0.0
+            for items in global_batches:
+                batch = collate([items[i] for i in dist.shard(list(range(len(items))))], pad_id, device)
+                loss_sum, _ = forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
+                (loss_sum * dist.world / n_step).backward()
                 step_loss += float(loss_sum.detach())
-                window["tokens"] += int(batch["attention_mask"].sum())
+                tokens += int(batch["attention_mask"].sum())
+            step_loss, tokens = dist.all_sum([step_loss, tokens])
+            window["tokens"] += int(tokens)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 what = "loss" if not math.isfinite(step_loss) else "gradient norm"
@@ -207,22 +247,29 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                      f"Trained Tokens {counters['trained']}, Peak mem {entry['peak_memory_gb']:.3f} GB")
                 window = {"loss": 0.0, "trained": 0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
 
-            if it % cfg.save_every == 0 or it == cfg.iters or stop["signal"]:
-                checkpoint = save_checkpoint(model, optimizer, scheduler, adapter_dir, it, record_for(it), counters)
-                with tqdm.external_write_mode(file=sys.stderr):
-                    log(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
-                if stop["signal"]:
-                    raise TrainingInterrupted(stop["signal"], it, checkpoint)
+            stopping = dist.all_sum([1.0 if stop["signal"] else 0.0])[0] > 0  # every rank stops at the same step
+            if it % cfg.save_every == 0 or it == cfg.iters or stopping:
+                weights, optimizer_state = gather_states(model, optimizer, fsdp)
+                checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
+                if dist.is_main:
+                    save_checkpoint(model, optimizer_state, scheduler, adapter_dir, it, record_for(it), counters, weights)
+                    with tqdm.external_write_mode(file=sys.stderr):
+                        log(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
+                dist.barrier()
+                if stopping:
+                    raise TrainingInterrupted(stop["signal"] or signal.SIGTERM, it, checkpoint)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     seconds = time.perf_counter() - started
     model.eval()
     if counters["skipped_nonfinite"]:
         log(f"Skipped {counters['skipped_nonfinite']} batch(es) with a non-finite loss or gradient.")
-    plot_losses(adapter_dir / METRICS, adapter_dir / LOSS_PLOT)
+    if dist.is_main:
+        plot_losses(adapter_dir / METRICS, adapter_dir / LOSS_PLOT)
     return TrainResult(cfg.iters, last_train_loss, last_val, seconds, counters["tokens"], counters["trained"],
                        peak_memory_gb())
 

@@ -24,6 +24,11 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_calm():
+    return fixtures.tiny_llama_calm()
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2():
     return fixtures.tiny_qwen2()
 

@@ -1,0 +1,100 @@
+"""torchrun with 2 CPU processes (gloo) computes what 1 process computes with the same global batch and seed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import liandan, write_jsonl
+from safetensors.torch import load_file
+
+# Different lengths, so padding and masking differ between the two ranks' shards.
+ROWS = [{"prompt": f"Question {i}: " + "tell me " * (i % 4), "completion": f"Answer {i}" + " and more" * (i % 3)}
+        for i in range(8)]
+
+
+def torchrun(*args, script=None):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [script] if script else ["-m", "liandan"]
+    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def lora_args(data, adapters, model, optimizer, lr, iters=6, extra=()):
+    return ["lora", "--model", model, "--train", "--data", data, "--adapter-path", adapters, "--iters", iters,
+            "--batch-size", "4", "--optimizer", optimizer, "--learning-rate", lr, "--num-layers", "-1",
+            "--steps-per-report", "1", "--steps-per-eval", "1000", "--save-every", "3", "--seed", "3", *extra]
+
+
+def losses(adapters: Path) -> list[float]:
+    return [m["train_loss"] for m in map(json.loads, (adapters / "metrics.jsonl").read_text().splitlines())
+            if "train_loss" in m]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    write_jsonl(root / "data" / "train.jsonl", ROWS)
+    return root
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", "0.05"), ("adam", "0.001")])
+def test_two_processes_match_one(data, tiny_llama_calm, optimizer, lr):
+    one, two = data / f"one-{optimizer}", data / f"two-{optimizer}"
+    single = liandan(*lora_args(data / "data", one, tiny_llama_calm, optimizer, lr))
+    assert single.returncode == 0, single.stderr
+    double = torchrun(*lora_args(data / "data", two, tiny_llama_calm, optimizer, lr))
+    assert double.returncode == 0, double.stderr[-3000:]
+    a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
+    if optimizer == "sgd":  # updates linear in the gradient: the adapters themselves agree
+        for name in a:
+            assert (a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12) <= 1e-5, name
+    la, lb = losses(one), losses(two)
+    assert len(la) == len(lb) == 6
+    assert all(abs(x - y) / abs(x) <= 1e-4 for x, y in zip(la, lb)), (la, lb)
+    assert double.stdout.count("Iter 6: Train loss") == 1  # rank 0 alone reports
+
+
+def test_distributed_checkpoint_resumes_and_loads_in_one_process(data, tiny_llama_calm):
+    reference = data / "two-adam"
+    if not (reference / "adapter_model.safetensors").is_file():
+        pytest.skip("needs test_two_processes_match_one")
+    resumed = data / "two-resumed"
+    first = torchrun(*lora_args(data / "data", resumed, tiny_llama_calm, "adam", "0.001", iters=3))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun(*lora_args(data / "data", resumed, tiny_llama_calm, "adam", "0.001", iters=6, extra=["--resume"]))
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = load_file(str(reference / "adapter_model.safetensors")), load_file(str(resumed / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    gen = liandan("generate", "--adapter-path", resumed, "-m", "3", "-p", "Question 1:")
+    assert gen.returncode == 0 and gen.stdout.startswith("==========")
+
+
+def test_a_crashing_rank_fails_the_job_cleanly(data, tiny_llama_calm):
+    adapters = data / "crashed"
+    result = torchrun(*lora_args(data / "data", adapters, tiny_llama_calm, "adam", "0.001", extra=["--save-every", "100"]),
+                      script=str(Path(__file__).parent / "crash_rank.py"))
+    assert result.returncode != 0
+    assert "injected crash on rank 1" in result.stderr
+    assert not (adapters / "adapter_model.safetensors").exists() and not list(adapters.rglob("*.safetensors"))
+
+
+def test_global_batch_must_split_evenly(data, tiny_llama_calm):
+    result = torchrun(*lora_args(data / "data", data / "odd", tiny_llama_calm, "adam", "0.001", extra=["--batch-size", "3"]))
+    assert result.returncode != 0 and "must be a multiple of the 2 processes" in result.stderr
+
+
+def test_fsdp_full_fine_tuning_matches_one_process(data, tiny_llama_calm):
+    one, two = data / "full-one", data / "full-two"
+    extra = ["--fine-tune-type", "full"]
+    single = liandan(*lora_args(data / "data", one, tiny_llama_calm, "sgd", "0.05", iters=3, extra=extra))
+    assert single.returncode == 0, single.stderr
+    double = torchrun(*lora_args(data / "data", two, tiny_llama_calm, "sgd", "0.05", iters=3, extra=extra + ["--fsdp"]))
+    assert double.returncode == 0, double.stderr[-3000:]
+    a, b = load_file(str(one / "trained_weights.safetensors")), load_file(str(two / "trained_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).norm() / a[name].norm() <= 1e-5, name
