@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import liandan, write_jsonl
 from safetensors.torch import load_file
 

@@ -89,7 +89,7 @@ def test_export_ollama_from_the_demo(demo, tmp_path):
 
 
 def test_serve_the_demo_adapter_with_the_openai_client(demo):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     from test_serve import Server
 
     from liandan.data.formats import read_jsonl

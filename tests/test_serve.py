@@ -1,6 +1,5 @@
 """`liandan serve` with the official openai client against real server processes on loopback, and `liandan chat`."""
 
-import json
 import os
 import socket
 import subprocess
@@ -10,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import liandan, write_jsonl
+from conftest import write_jsonl
 
 openai = pytest.importorskip("openai")
 
