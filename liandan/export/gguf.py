@@ -169,7 +169,11 @@ def _is_byte_level(model_dir: Path) -> bool:
 
 def _sentencepiece_vocab(path: Path, vocab_size: int, tokenizer) -> Vocab:
     import gguf
-    from sentencepiece import SentencePieceProcessor
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise LiandanError(f"{path} is a SentencePiece vocabulary; exporting it needs: pip install sentencepiece") from None
 
     sp = SentencePieceProcessor()
     sp.LoadFromFile(str(path))
