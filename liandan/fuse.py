@@ -34,7 +34,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
 
     from liandan.adapters import load_adapter, read_record
     from liandan.atomic import atomic_dir
-    from liandan.data.render import Rendering, make_rendering
+    from liandan.data.render import rendering_of
     from liandan.generate import stop_token_ids
     from liandan.models import Device, load_model, resolve_model
 
@@ -50,7 +50,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
     model = load_adapter(model, adapter_path, record)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    rendering = Rendering.from_dict(record["rendering"]) if record.get("rendering") else make_rendering(tokenizer)
+    rendering = rendering_of(record, tokenizer)
     tokenizer.chat_template = rendering.chat_template
     stops = stop_token_ids(tokenizer, model, rendering)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]

@@ -125,7 +125,7 @@ def load_pipeline(model_spec: str | None, adapter_path: str | None, system_promp
                   extra_eos: list[str] | None = None, dtype: str | None = None,
                   trust_remote_code: bool = False) -> Pipeline:
     from liandan.adapters import load_adapter, read_record
-    from liandan.data.render import Encoder, Rendering, make_rendering
+    from liandan.data.render import Encoder, rendering_of
     from liandan.models import load_model, pick_device, resolve_model
 
     record = read_record(Path(adapter_path)) if adapter_path else {}
@@ -138,12 +138,7 @@ def load_pipeline(model_spec: str | None, adapter_path: str | None, system_promp
     model, tokenizer = load_model(model_dir, device, trust_remote_code)
     if adapter_path:
         model = load_adapter(model, Path(adapter_path), record)
-    if record.get("rendering"):
-        rendering = Rendering.from_dict(record["rendering"])
-        if system_prompt is not None:
-            rendering.system_prompt = system_prompt
-    else:
-        rendering = make_rendering(tokenizer, system_prompt)
+    rendering = rendering_of(record, tokenizer, system_prompt)
     encoder = Encoder(tokenizer, rendering)
     return Pipeline(model, tokenizer, encoder, stop_token_ids(tokenizer, model, rendering, extra_eos), device, record)
 

@@ -63,6 +63,17 @@ def make_rendering(tokenizer, system_prompt: str | None = None) -> Rendering:
     return Rendering(template, [stop], system_prompt, source, "chat", tokenizer.eos_token)
 
 
+def rendering_of(record: dict, tokenizer, system_prompt: str | None = None) -> Rendering:
+    """The rendering saved in an adapter or fused model's record, else the tokenizer's own template.
+    A system_prompt given here overrides the recorded one."""
+    if not record.get("rendering"):
+        return make_rendering(tokenizer, system_prompt)
+    rendering = Rendering.from_dict(record["rendering"])
+    if system_prompt is not None:
+        rendering.system_prompt = system_prompt
+    return rendering
+
+
 def special_tokens(tokenizer) -> list[str]:
     """Strings of all special tokens (control tokens) of a tokenizer, longest first."""
     found = set(tokenizer.all_special_tokens)

@@ -162,13 +162,13 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
 
     from liandan.adapters import read_record
     from liandan.atomic import atomic_write_text
-    from liandan.data.render import Rendering, make_rendering, render_text
+    from liandan.data.render import render_text, rendering_of
     from liandan.export.gguf import export_gguf, read_config
 
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
-    rendering = Rendering.from_dict(record["rendering"]) if record.get("rendering") else make_rendering(tokenizer)
+    rendering = rendering_of(record, tokenizer)
     family = pick_family(rendering, tokenizer)
 
     def jinja(conversation):
