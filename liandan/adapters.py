@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from liandan.atomic import atomic_dir, atomic_path, atomic_write_text
+from liandan.atomic import atomic_path, atomic_write_text
 from liandan.config import TrainConfig
 from liandan.data.render import Rendering
 from liandan.errors import LiandanError
@@ -105,15 +105,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model, directory: Path, record: dict) -> None:
-    """Write the adapter and its record; the directory is replaced as a whole (atomic)."""
-    directory = Path(directory)
-    with atomic_dir(directory) as tmp:
-        save_adapter_files(model, tmp, record)
-
-
 def save_adapter_files(model, directory: Path, record: dict, weights: dict | None = None) -> None:
-    """Like save_adapter, but file by file into an existing directory that holds other things too."""
+    """Write the adapter and its record, each file atomically; `weights` replaces the model's own
+    trainable tensors (full fine-tuning gathered from FSDP shards)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if record["fine_tune_type"] == "full":

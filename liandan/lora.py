@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
 
     dist = init_distributed()
     try:
-        return run(cfg, dist=dist) if dist.enabled else run(cfg)
+        return run(cfg, dist=dist)
     except RuntimeError as exc:
         if not dist.enabled:
             raise
@@ -111,14 +111,14 @@ def run(cfg, log=print, dist=None) -> int:
     from liandan.data.render import Encoder, Rendering, make_rendering
     from liandan.models import DEFAULT_MODEL, load_model, pick_device, resolve_model
 
-    from liandan.train import latest_checkpoint, load_trainer_state
+    from liandan.train import TRAINER_STATE, latest_checkpoint, load_trainer_state
 
     adapter_dir = Path(cfg.adapter_path)
     record = {}
     resume_from = None
     if cfg.train and cfg.resume:
         resume_from = latest_checkpoint(adapter_dir) if cfg.resume == "latest" else Path(cfg.resume)
-        if resume_from is None or not (resume_from / "trainer_state.pt").is_file():
+        if resume_from is None or not (resume_from / TRAINER_STATE).is_file():
             raise LiandanError(f"--resume: no checkpoint found in {resume_from or adapter_dir / 'checkpoints'}")
     elif cfg.train:
         if any((adapter_dir / f).exists() for f in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS)) and not cfg.overwrite:

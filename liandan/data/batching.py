@@ -63,7 +63,7 @@ def encode_file(data: DataFile, encoder: Encoder, max_seq_length: int, log=print
     if encoder.hand_typed.counts:
         typed = ", ".join(f"'{t}' ×{n}" for t, n in encoder.hand_typed.counts.items())
         log(f"Note: {name} has stop tokens typed by hand ({typed}); liandan removed them and ends every "
-            f"answer with '{encoder.rendering.stop_tokens[0] if data.format != 'text' else encoder.tokenizer.eos_token}' itself.")
+            f"answer with '{encoder.stop_token(data.format)}' itself.")
     if long_count:
         done = {"truncate": "truncated", "split": "split into pieces", "drop": "dropped"}[policy]
         log(f"Warning: {name}: {long_count} example(s) longer than --max-seq-length {max_seq_length} were {done}.")

@@ -227,7 +227,7 @@ def render_report(result: dict, encoder) -> tuple[list[str], int, int]:
         if r.hand_typed:
             warnings += 1
             typed = ", ".join(f"'{t}' ×{n}" for t, n in r.hand_typed.items())
-            stop = encoder.rendering.stop_tokens[0] if r.format != "text" else encoder.tokenizer.eos_token
+            stop = encoder.stop_token(r.format)
             lines.append(f"  ⚠ stop tokens typed by hand ({typed}): not needed, liandan ends every answer with '{stop}' "
                          "itself and removes them; you can delete them")
         if r.empty_fields:

@@ -212,6 +212,10 @@ class Encoder:
             message = dict(message, content=self.hand_typed.strip(content, self.specials))
         return message
 
+    def stop_token(self, fmt: str) -> str:
+        """The token that ends a trained example of this format: the turn end for chats, EOS for text."""
+        return self.tokenizer.eos_token if fmt == "text" else self.rendering.stop_tokens[0]
+
     def encode(self, example) -> Encoded:
         if example.text is not None:
             return self.encode_text(example.text, example.line)
