@@ -72,7 +72,7 @@ def validation_loss(model, tokenizer, data_dir: Path) -> float:
     return evaluate_loss(model, valid, 4, -1, tokenizer.pad_token_id, "cpu")[0]
 
 
-def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path) -> dict:
+def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: int = 0) -> dict:
     from liandan.config import load_config
     from liandan.lora import run
 
@@ -80,7 +80,7 @@ def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path) -> dict:
     cfg = load_config(None, dict(
         model=model_spec, train=True, data=str(data_dir), adapter_path=str(out), iters=steps, batch_size=4,
         learning_rate=1e-4, num_layers=-1, val_batches=0, steps_per_report=1, steps_per_eval=10**9,
-        save_every=10**9, seed=0, overwrite=True,
+        save_every=10**9, seed=seed, overwrite=True, replay_ratio=0.0,  # the baseline trains on the data alone
         lora_parameters={"rank": 8, "alpha": 16, "dropout": 0.0, "keys": ["q_proj", "v_proj"]},
     ))
     captured = {}
@@ -109,7 +109,7 @@ def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path) -> dict:
             "params": sum(p.numel() for p in captured["model"].parameters())}
 
 
-def run_hf(model_spec: str, data_dir: Path, steps: int, out: Path) -> dict:
+def run_hf(model_spec: str, data_dir: Path, steps: int, out: Path, seed: int = 0) -> dict:
     """The tutorial baseline: Trainer + PEFT, chat template, masked prompt, dynamic padding."""
     import torch
     from datasets import Dataset
@@ -157,7 +157,7 @@ def run_hf(model_spec: str, data_dir: Path, steps: int, out: Path) -> dict:
                 losses.append(logs["loss"])
 
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-4, max_steps=steps,
-                             logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+                             logging_steps=1, save_strategy="no", report_to=[], seed=seed, use_cpu=True,
                              lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()])
     trainer.train()
@@ -171,12 +171,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=24, help="Optimizer steps for each system (default 24)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="Run both systems once per seed (data order and LoRA init); >1 seed also prints mean ± sd")
     parser.add_argument("--run", choices=["liandan", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:  # child process: one system, results as JSON on the last line
         work = Path(tempfile.mkdtemp())
-        result = (run_liandan if args.run == "liandan" else run_hf)(args.model, Path(args.data), args.steps, work / "out")
+        run = run_liandan if args.run == "liandan" else run_hf
+        result = run(args.model, Path(args.data), args.steps, work / "out", args.seeds[0])
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(json.dumps(result))
         return
@@ -184,25 +187,39 @@ def main() -> None:
     make_data(data)
     peak = matmul_flops()
     print(f"Machine: {os.cpu_count()} CPU threads, fp32 matmul {peak / 1e9:.1f} GFLOP/s (2048x2048, measured now)")
-    results = {}
-    for system in ("hf", "liandan"):
-        child = subprocess.run([sys.executable, __file__, "--run", system, "--data", str(data), "--steps", str(args.steps),
-                                "--model", args.model], capture_output=True, text=True)
-        if child.returncode != 0:
-            sys.exit(f"{system} failed:\n{child.stderr[-3000:]}")
-        results[system] = json.loads(child.stdout.strip().splitlines()[-1])
+    names = {"hf": "HF Trainer + PEFT", "liandan": "liandan"}
+    rows: dict[str, list[dict]] = {"hf": [], "liandan": []}
+    for seed in args.seeds:
+        for system in ("hf", "liandan"):
+            child = subprocess.run([sys.executable, __file__, "--run", system, "--data", str(data), "--steps",
+                                    str(args.steps), "--model", args.model, "--seeds", str(seed)],
+                                   capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"{system} failed:\n{child.stderr[-3000:]}")
+            rows[system].append(json.loads(child.stdout.strip().splitlines()[-1]))
     print(f"\n{args.steps} steps x batch 4 on 512 generated examples (20-600 tokens), LoRA r8 on q_proj/v_proj\n")
-    header = f"{'system':<22}{'tokens/s':>10}{'wall s':>9}{'peak RSS GB':>13}{'train loss':>12}{'val loss':>10}{'MFU':>8}"
+    header = (f"{'system':<22}{'seed':>5}{'tokens/s':>10}{'wall s':>9}{'peak RSS GB':>13}{'train loss':>12}"
+              f"{'val loss':>10}{'MFU':>8}")
     print(header)
     print("-" * len(header))
-    names = {"hf": "HF Trainer + PEFT", "liandan": "liandan"}
-    for system, r in results.items():
-        tps = r["tokens"] / r["seconds"]
-        mfu = 6 * r["params"] * tps / peak
-        print(f"{names[system]:<22}{tps:>10.1f}{r['seconds']:>9.1f}{r['peak_rss_gb']:>13.2f}{r['final_train_loss']:>12.3f}"
-              f"{r['val_loss']:>10.3f}{mfu:>8.1%}")
-    speedup = (results["liandan"]["tokens"] / results["liandan"]["seconds"]) / (results["hf"]["tokens"] / results["hf"]["seconds"])
-    print(f"\nliandan / baseline tokens per second: {speedup:.2f}x")
+    for i, seed in enumerate(args.seeds):
+        for system in ("hf", "liandan"):
+            r = rows[system][i]
+            tps = r["tokens"] / r["seconds"]
+            mfu = 6 * r["params"] * tps / peak
+            print(f"{names[system]:<22}{seed:>5}{tps:>10.1f}{r['seconds']:>9.1f}{r['peak_rss_gb']:>13.2f}"
+                  f"{r['final_train_loss']:>12.3f}{r['val_loss']:>10.3f}{mfu:>8.1%}")
+    speed = {s: sum(r["tokens"] for r in rows[s]) / sum(r["seconds"] for r in rows[s]) for s in rows}
+    print(f"\nliandan / baseline tokens per second: {speed['liandan'] / speed['hf']:.2f}x")
+    if len(args.seeds) > 1:
+        import statistics
+
+        for system in ("hf", "liandan"):
+            vals = [r["val_loss"] for r in rows[system]]
+            print(f"{names[system]}: val loss mean {statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f} (sd over "
+                  f"{len(vals)} seeds); peak RSS max {max(r['peak_rss_gb'] for r in rows[system]):.2f} GB")
+        diffs = [b["val_loss"] - a["val_loss"] for a, b in zip(rows["hf"], rows["liandan"])]
+        print(f"liandan - baseline val loss per seed: {', '.join(f'{d:+.4f}' for d in diffs)}")
 
 
 if __name__ == "__main__":

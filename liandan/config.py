@@ -72,6 +72,12 @@ class TrainConfig:
     skip_nonfinite: bool = False
     fsdp: bool = False  # under torchrun, full fine-tuning shards parameters/gradients/optimizer (FSDP2)
     trust_remote_code: bool = False
+    # Self-replay against forgetting (liandan.replay): base-model answers to general prompts mixed into
+    # chat-style training, this many per training example; 0 turns it off.
+    # Defaults from benchmarks/forgetting.py: ratio 1 + KL 3 kept 31/32 general answers and all 10 new facts.
+    replay_ratio: float = 1.0
+    replay_prompts: str | None = None  # a file of one's own replay prompts (JSONL "prompt" or one per line)
+    kl_weight: float = 3.0  # pull replay positions toward the base model's own distribution (KL); 0 = plain replay
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +134,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise LiandanError(f"--learning-rate must be positive, got {cfg.learning_rate}")
     if cfg.lr_schedule.name not in ("constant", "cosine_decay", "linear_decay"):
         raise LiandanError(f"lr_schedule.name {cfg.lr_schedule.name!r}: expected constant, cosine_decay or linear_decay")
+    if not 0 <= cfg.replay_ratio <= 10:
+        raise LiandanError(f"--replay-ratio must be between 0 and 10 (replay examples per training example), got {cfg.replay_ratio}")
+    if cfg.kl_weight < 0:
+        raise LiandanError(f"--kl-weight must not be negative, got {cfg.kl_weight}")
     if cfg.lora_parameters.rank <= 0:
         raise LiandanError(f"lora_parameters.rank must be positive, got {cfg.lora_parameters.rank}")
 

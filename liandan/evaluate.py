@@ -29,6 +29,16 @@ def _unwrap(model):
 
 def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Sum of token losses over trained positions, and how many there are."""
+    loss, n, _ = loss_terms(model, batch)
+    return loss, n
+
+
+def loss_terms(model, batch: dict, with_kl: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(cross-entropy sum over trained positions, their count, KL sum or None).
+
+    The KL term exists when with_kl and the batch has soft targets (replay examples, see
+    data.batching.collate): KL(base ‖ model) at those positions, the base distribution being its
+    renormalised top-k."""
     base = _unwrap(model)
     hidden = base.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -37,7 +47,7 @@ def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     selected = targets != IGNORE
     n = int(selected.sum())
     if n == 0:
-        return hidden.sum() * 0.0, 0
+        return hidden.sum() * 0.0, 0, None
     logits = base.get_output_embeddings()(hidden[:, :-1][selected])
     config = base.config
     cap = getattr(config, "final_logit_softcapping", None)
@@ -47,7 +57,13 @@ def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     if scaling:
         logits = logits / scaling
     loss = F.cross_entropy(logits.float(), targets[selected], reduction="sum")
-    return loss, n
+    kl = None
+    if with_kl and batch.get("soft_mask") is not None and bool(batch["soft_mask"].any()):
+        log_q = logits[batch["soft_mask"]].float().log_softmax(-1).gather(-1, batch["soft_ids"])
+        p = batch["soft_logp"].exp()
+        p = p / p.sum(-1, keepdim=True)
+        kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum()
+    return loss, n, kl
 
 
 @torch.no_grad()

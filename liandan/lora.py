@@ -55,6 +55,13 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--skip-nonfinite", action="store_true", default=None,
         help="Skip batches whose loss or gradient is not finite (default: stop with a message)")
     add("--trust-remote-code", action="store_true", default=None, help="Allow model code from the model directory")
+    add("--replay-ratio", type=float,
+        help="Against forgetting: base-model answers to general prompts mixed in per training example "
+             "(default 1 for completions/chat/tools data; 0 turns it off)")
+    add("--replay-prompts", help="Your own replay prompts: JSONL with a \"prompt\" field, or one prompt per line")
+    add("--kl-weight", type=float,
+        help="Weight of the KL term that pulls replay answers toward the base model's token distribution "
+             "(default 3; 0 = plain replay)")
     return parser
 
 
@@ -165,6 +172,21 @@ def run(cfg, log=print, dist=None) -> int:
     encoded = {k: encode_file(v, encoder, cfg.max_seq_length, log, cfg.long_examples)
                for k, v in splits.items() if v is not None}
     pad_id = tokenizer.pad_token_id
+    from liandan.generate import stop_token_ids
+
+    stop_ids = stop_token_ids(tokenizer, model, rendering)
+    chat_style = rendering.prompt_style == "chat"
+    replay = None
+    if cfg.train and chat_style and splits["train"].format != "text" and cfg.replay_ratio > 0:
+        replay = replay_examples(model, tokenizer, encoder, model_dir, cfg, stop_ids, pad_id, device, dist, log)
+    elif cfg.train and cfg.kl_weight > 0:
+        log("Note: --kl-weight acts on replay examples, and replay is off for this run (text data or --replay-ratio 0).")
+    # Which held-out general questions the base model gets right, asked before any weight changes.
+    base_known = None
+    if cfg.test and chat_style and not dist.enabled and "test" in encoded:
+        from liandan.replay import base_retention
+
+        base_known = base_retention(model, tokenizer, encoder, model_dir, stop_ids, pad_id, device.torch_device)
 
     if cfg.train:
         from liandan.train import train
@@ -185,10 +207,14 @@ def run(cfg, log=print, dist=None) -> int:
             log(f"Note: --data {cfg.data} has no valid.jsonl; training without validation.")
         result = train(model, cfg, encoded["train"], encoded.get("valid"), pad_id, device.torch_device, adapter_dir,
                        lambda it: make_record(cfg, base_model, rendering, it), log, resume=state, dist=dist,
-                       fsdp=cfg.fsdp and dist.enabled)
+                       fsdp=cfg.fsdp and dist.enabled, replay=replay)
         log(f"Saved final weights to {adapter_dir}. Loss curve: {adapter_dir / 'loss.png'}")
         log(f"Trained {result.iterations} iterations in {result.seconds:.1f}s: {result.tokens_per_second:.1f} tokens/s, "
             f"peak memory {result.peak_memory_gb:.3f} GB")
+        if result.replay_examples:
+            share = result.replay_tokens / max(result.tokens, 1)
+            log(f"Replay: {result.replay_examples} of the {result.examples} examples trained on were base-model answers, "
+                f"{100 * share:.0f}% of the tokens (≈ {share * result.seconds:.1f}s of the training time).")
     elif cfg.test:
         model = load_adapter(model, adapter_dir, record) if (adapter_dir / RECORD).exists() or (adapter_dir / PEFT_WEIGHTS).exists() else model
 
@@ -198,8 +224,24 @@ def run(cfg, log=print, dist=None) -> int:
         if "test" not in encoded:
             log(f"Note: --data {cfg.data} has no test.jsonl; skipping the test.")
         else:
-            test_report(model, tokenizer, encoder, splits["test"], encoded["test"], cfg, pad_id, device, log)
+            test_report(model, tokenizer, encoder, splits["test"], encoded["test"], cfg, pad_id, device, log, base_known)
     return 0
+
+
+def replay_examples(model, tokenizer, encoder, model_dir, cfg, stop_ids, pad_id, device, dist, log) -> list:
+    """The self-replay pool (liandan.replay); rank 0 generates and caches it, the other ranks read the cache."""
+    from liandan.replay import replay_pool
+
+    pool = None
+    for turn in ("main", "others"):
+        if (turn == "main") == dist.is_main:
+            pool = replay_pool(model, tokenizer, encoder, model_dir, cfg.replay_prompts, stop_ids, pad_id,
+                               device.torch_device, cfg.max_seq_length, soft_targets=cfg.kl_weight > 0)
+        dist.barrier()
+    how = "read from the cache" if pool.seconds is None else f"generated in {pool.seconds:.1f}s, cached"
+    log(f"Replay: {len(pool.items)} base-model answers to {pool.prompts} general prompts ({how} in {pool.cache.parent}); "
+        f"{cfg.replay_ratio:g} mixed in per training example against forgetting (--replay-ratio 0 turns this off).")
+    return pool.items
 
 
 def _silent(*args, **kwargs) -> None:
@@ -221,8 +263,10 @@ def check_writable(directory: Path) -> None:
         raise LiandanError(f"--adapter-path {directory}: only {free / 1e6:.0f} MB free; checkpoints need more")
 
 
-def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, device, log) -> dict:
-    """Test loss, perplexity and exact answers, then one sentence on what the loss means."""
+def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, device, log, base_known=None) -> dict:
+    """Test loss, perplexity, exact answers, general knowledge kept, then one sentence on what the loss means.
+
+    base_known: replay.base_retention() of the base model, for the retention score."""
     from liandan.data.batching import eval_batches
     from liandan.evaluate import LOSS_EXPLAINED, evaluate_loss, exact_answers, perplexity
     from liandan.generate import stop_token_ids
@@ -231,10 +275,10 @@ def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, dev
     loss, _ = evaluate_loss(model, test_set, cfg.batch_size, cfg.test_batches, pad_id, device.torch_device)
     log(f"Test loss {loss:.3f}, Test ppl {perplexity(loss):.3f}.")
     report = {"test_loss": loss, "test_ppl": perplexity(loss)}
+    stops = stop_token_ids(tokenizer, model, encoder.rendering)
     if test_file.format != "text":
         covered = sorted(i for b in eval_batches(test_set, cfg.batch_size, cfg.test_batches) for i in b)
         examples = [test_file.examples[i] for i in covered]
-        stops = stop_token_ids(tokenizer, model, encoder.rendering)
         checks = exact_answers(model, tokenizer, encoder, examples, device.torch_device, stops)
         exact = sum(c.exact for c in checks)
         log(f"Exact answers: {exact}/{len(checks)} (greedy generation equals the expected answer and stops).")
@@ -243,5 +287,13 @@ def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, dev
                 tail = "" if c.stopped else " … (did not stop)"
                 log(f"  ✗ {c.prompt!r}: expected {c.expected!r}, got {c.got!r}{tail}")
         report.update(exact=exact, total=len(checks))
+    if base_known is not None:
+        from liandan.replay import retention
+
+        kept = retention(model, tokenizer, encoder, base_known, stops, pad_id, device.torch_device)
+        log(kept.summary())
+        for question, reply in kept.lost:
+            log(f"  ✗ forgotten: {question.question!r} → {reply.strip()[:80]!r}")
+        report.update(retention_kept=kept.kept, retention_base=kept.base_correct)
     log(LOSS_EXPLAINED)
     return report

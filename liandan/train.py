@@ -26,7 +26,7 @@ from liandan.config import TrainConfig, lr_multiplier
 from liandan.data.batching import EncodedSet, collate, iterate_batches
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
-from liandan.evaluate import evaluate_loss, supervised_loss
+from liandan.evaluate import evaluate_loss, loss_terms
 from liandan.generate import peak_memory_gb
 
 METRICS = "metrics.jsonl"
@@ -42,6 +42,9 @@ class TrainResult:
     tokens: int  # non-pad input tokens processed
     trained_tokens: int  # tokens that counted in the loss
     peak_memory_gb: float
+    examples: int = 0  # examples seen (replay included)
+    replay_examples: int = 0
+    replay_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,12 +62,18 @@ class TrainingInterrupted(Exception):
 class LossModule(torch.nn.Module):
     """The training forward pass as one module, so DDP/FSDP wrap exactly what is computed."""
 
-    def __init__(self, model):
+    def __init__(self, model, kl_weight: float = 0.0):
         super().__init__()
         self.model = model
+        self.kl_weight = kl_weight
 
-    def forward(self, input_ids, attention_mask, labels):
-        return supervised_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    def forward(self, input_ids, attention_mask, labels, soft_ids=None, soft_logp=None, soft_mask=None):
+        """(objective to minimise, trained tokens, cross-entropy alone: what the reports show)."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "soft_ids": soft_ids, "soft_logp": soft_logp, "soft_mask": soft_mask}
+        ce, n, kl = loss_terms(self.model, batch, with_kl=self.kl_weight > 0)
+        objective = ce if kl is None else ce + self.kl_weight * kl
+        return objective, n, ce.detach()
 
 
 CHECKPOINTS = "checkpoints"
@@ -122,20 +131,22 @@ def save_checkpoint(model, optimizer_state: dict, scheduler, adapter_dir: Path, 
 
 def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet | None, pad_id: int, device,
           adapter_dir: Path, record_for, log=print, resume: dict | None = None, dist: Dist | None = None,
-          fsdp: bool = False) -> TrainResult:
+          fsdp: bool = False, replay: list | None = None) -> TrainResult:
     """Train for cfg.iters optimizer steps. `record_for(iteration)` gives the record saved with each adapter.
 
     `resume` is a trainer state from load_trainer_state(): the run continues exactly where it stopped
     (same batches, optimizer moments, schedule and RNG), so the result equals an uninterrupted run.
+    `replay` holds base-model examples mixed in at cfg.replay_ratio (liandan.replay).
     """
     adapter_dir = Path(adapter_dir)
     dist = dist or Dist()
-    forward = wrap_for_training(LossModule(model), dist, fsdp, decoder_layers(model))
+    forward = wrap_for_training(LossModule(model, cfg.kl_weight), dist, fsdp, decoder_layers(model))
     params = [p for p in forward.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     first = 1
-    counters = {"tokens": 0, "trained": 0, "skipped_nonfinite": 0}
+    counters = {"tokens": 0, "trained": 0, "skipped_nonfinite": 0, "replay_examples": 0, "replay_tokens": 0,
+                "examples": 0}
     if resume and fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -147,7 +158,10 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
         torch.set_rng_state(resume["torch_rng"])
         counters.update(resume.get("counters", {}))
         first = resume["iteration"] + 1
-    batches = iterate_batches(train_set, cfg.batch_size, cfg.seed)
+    replay = replay or []
+    items_of = train_set.items + replay  # batch indices past the data's own point into the replay examples
+    n_train = len(train_set.items)
+    batches = iterate_batches(train_set, cfg.batch_size, cfg.seed, replay=replay, replay_ratio=cfg.replay_ratio)
     for _ in range((first - 1) * cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
         next(batches)
     metrics = open(adapter_dir / METRICS, "a" if resume else "w", encoding="utf-8") if dist.is_main else None
@@ -165,7 +179,7 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
             return None
         start = time.perf_counter()
         loss, _ = evaluate_loss(model, valid_set, cfg.batch_size, cfg.val_batches, pad_id, device,
-                                lambda b: forward(b["input_ids"], b["attention_mask"], b["labels"]))
+                                lambda b: forward(b["input_ids"], b["attention_mask"], b["labels"])[:2])
         took = time.perf_counter() - start
         emit({"iteration": it, "val_loss": loss, "val_time": took}, f"Iter {it}: Val loss {loss:.3f}, Val took {took:.3f}s")
         return loss
@@ -192,15 +206,21 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                 last_val = validate(it)
             # Each rank takes its share of the global batch; the loss is normalised by the trained tokens of the
             # whole global step (all ranks, all micro-batches), so N processes compute what one process would.
-            global_batches = [[train_set.items[i] for i in next(batches)[1]] for _ in range(cfg.grad_accumulation_steps)]
+            step_indices = [next(batches)[1] for _ in range(cfg.grad_accumulation_steps)]
+            global_batches = [[items_of[i] for i in indices] for indices in step_indices]
+            replayed = [i for indices in step_indices for i in indices if i >= n_train]
+            counters["examples"] += sum(len(indices) for indices in step_indices)
+            counters["replay_examples"] += len(replayed)
+            counters["replay_tokens"] += sum(len(items_of[i].input_ids) for i in replayed)
             n_step = sum(sum(1 for label in item.labels[1:] if label != -100) for b in global_batches for item in b)
             step_loss = tokens = 0.0
             for items in global_batches:
                 batch = collate([items[i] for i in dist.shard(list(range(len(items))))], pad_id, device)
-                loss_sum, _ = forward(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                objective, _, ce_sum = forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                               batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
                 # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
-                (loss_sum * dist.world / n_step).backward()
-                step_loss += float(loss_sum.detach())
+                (objective * dist.world / n_step).backward()
+                step_loss += float(ce_sum)  # reported: the cross-entropy, comparable with the validation loss
                 tokens += int(batch["attention_mask"].sum())
             step_loss, tokens = dist.all_sum([step_loss, tokens])
             window["tokens"] += int(tokens)
@@ -271,7 +291,7 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
     if dist.is_main:
         plot_losses(adapter_dir / METRICS, adapter_dir / LOSS_PLOT)
     return TrainResult(cfg.iters, last_train_loss, last_val, seconds, counters["tokens"], counters["trained"],
-                       peak_memory_gb())
+                       peak_memory_gb(), counters["examples"], counters["replay_examples"], counters["replay_tokens"])
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

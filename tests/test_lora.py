@@ -101,8 +101,9 @@ def test_training_learns_an_answer_that_stops(tmp_path, tiny_llama):
     rows = [{"prompt": "Capital of France?", "completion": "Paris is the capital."}] * 2
     write_jsonl(data / "train.jsonl", rows)
     logs = []
+    # replay_ratio 0: a tiny random model's own "answers" are noise, nothing worth keeping (tests/test_replay.py)
     run_lora(logs, model=str(tiny_llama), train=True, data=str(data), iters=40, batch_size=2, learning_rate=3e-3,
-             num_layers=-1, fine_tune_type="full", adapter_path=str(tmp_path / "a"), steps_per_report=10)
+             num_layers=-1, fine_tune_type="full", adapter_path=str(tmp_path / "a"), steps_per_report=10, replay_ratio=0)
     losses = [float(l.split("Train loss ")[1].split(",")[0]) for l in logs if "Train loss" in l]
     assert losses[-1] < losses[0] / 10
     pipe = load_pipeline(None, str(tmp_path / "a"))

@@ -83,15 +83,15 @@ def test_non_finite_loss_stops_or_is_skipped(tmp_path, tiny_llama, monkeypatch):
     from liandan.lora import run
 
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
-    real = train_module.supervised_loss
+    real = train_module.loss_terms
     calls = {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, with_kl=False):
         calls["n"] += 1
-        loss, n = real(model, batch)
-        return (loss * float("nan") if calls["n"] == 4 else loss), n
+        loss, n, kl = real(model, batch, with_kl)
+        return (loss * float("nan") if calls["n"] == 4 else loss), n, kl
 
-    monkeypatch.setattr(train_module, "supervised_loss", poisoned)
+    monkeypatch.setattr(train_module, "loss_terms", poisoned)
     options = dict(model=str(tiny_llama), train=True, data=str(tmp_path / "data"), iters=6, batch_size=2,
                    save_every=2, val_batches=0, adapter_path=str(tmp_path / "a"))
     with pytest.raises(LiandanError, match=r"iteration 4: the loss is not finite.*checkpoints/0000002"):

@@ -55,7 +55,7 @@ def adapter(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("serve")
     write_jsonl(root / "data" / "train.jsonl", [{"prompt": "Capital of France?", "completion": "Paris is the capital."}] * 2)
     run(load_config(None, dict(model=str(tiny_llama), train=True, data=str(root / "data"), iters=40, batch_size=2,
-                               learning_rate=3e-3, num_layers=-1, fine_tune_type="full",
+                               learning_rate=3e-3, num_layers=-1, fine_tune_type="full", replay_ratio=0,
                                adapter_path=str(root / "paris"))), log=lambda *_: None)
     return root / "paris"
 

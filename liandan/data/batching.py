@@ -96,22 +96,46 @@ def collate(items: list[Encoded], pad_id: int, device) -> dict:
         ids[row, :n] = torch.tensor(item.input_ids)
         labels[row, :n] = torch.tensor(item.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    if any(item.soft is not None for item in items):
+        # Soft targets (replay with --kl-weight), one row per trained position in supervised_loss's order
+        # (row-major over labels[:, 1:]); soft_mask says which trained positions have one.
+        soft_ids, soft_logp, soft_mask = [], [], []
+        for item in items:
+            n = sum(1 for label in item.labels[1:] if label != IGNORE)
+            soft_mask += [item.soft is not None] * n
+            if item.soft is not None:
+                soft_ids += item.soft[0]
+                soft_logp += item.soft[1]
+        batch.update(soft_ids=torch.tensor(soft_ids, dtype=torch.long, device=device),
+                     soft_logp=torch.tensor(soft_logp, dtype=torch.float32, device=device),
+                     soft_mask=torch.tensor(soft_mask, dtype=torch.bool, device=device))
+    return batch
 
 
-def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: int = 0):
-    """Endless training batches (lists of indices): a fresh shuffle of the batch order each epoch."""
+def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: int = 0,
+                    replay: list[Encoded] | None = None, replay_ratio: float = 0.0):
+    """Endless training batches (lists of indices): a fresh shuffle of the batch order each epoch.
+
+    With `replay` (liandan.replay), each epoch also mixes in round(replay_ratio × examples) of those
+    items; their indices continue after the data's (len(data) + position in replay)."""
+    from liandan.replay import replay_indices
+
     lengths = [len(x.input_ids) for x in data.items]
-    if len(lengths) < batch_size:
+    n = len(lengths)
+    if n < batch_size:
         raise LiandanError(
-            f"{data.name} has {len(lengths)} example(s), fewer than --batch-size {batch_size}; "
+            f"{data.name} has {n} example(s), fewer than --batch-size {batch_size}; "
             "lower --batch-size or add examples"
         )
+    replay = replay or []
     epoch = start_epoch
     while True:
         rng = random.Random(seed * 1_000_003 + epoch)
-        for batch in length_grouped_batches(lengths, batch_size, rng):
-            yield epoch, batch
+        pool = list(range(n)) + [n + j for j in replay_indices(n, len(replay), replay_ratio, rng)]
+        pool_lengths = [lengths[i] if i < n else len(replay[i - n].input_ids) for i in pool]
+        for batch in length_grouped_batches(pool_lengths, batch_size, rng):
+            yield epoch, [pool[k] for k in batch]
         epoch += 1
 
 

@@ -115,6 +115,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     line: int = 0
+    # Replay examples only: the base model's top-k (token ids, log-probs) at each trained position, for --kl-weight.
+    soft: tuple[list[list[int]], list[list[float]]] | None = None
 
     @property
     def n_trained(self) -> int:

@@ -1,0 +1,298 @@
+"""Learning without forgetting: self-replay while training, and a retention score when testing.
+
+Fine-tuning a small model on a few new facts overwrites what it knew: trained on ten invented facts,
+SmolLM2-135M kept 2 of 8 general answers. Mixing in the base model's *own* answers to general prompts
+("self-replay") keeps its behaviour there anchored at almost no cost: those answers already have a low
+loss, so they pull back only where training starts to drift. liandan does this by default for chat-style
+data; `--replay-ratio 0` turns it off.
+
+* The base answers are generated once per (model, rendering, prompt set) and cached under
+  `<cache>/replay/`, so later runs and `--resume` reuse exactly the same replay examples.
+* Generation is batched with transformers' `generate` (left padding), a few seconds for 64 prompts.
+* The retention score asks held-out general questions (`knowledge/retention.jsonl`, disjoint from the
+  replay prompts) before and after fine-tuning, and counts how many of the base model's correct answers
+  are still correct.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from liandan.data.render import IGNORE, Encoded
+from liandan.errors import LiandanError
+
+REPLAY_PROMPTS = "replay_prompts.jsonl"
+RETENTION_QUESTIONS = "retention.jsonl"
+REPLAY_MAX_TOKENS = 32  # longer base answers are trained on their first 32 tokens (no stop token): bounded cost
+RETENTION_MAX_TOKENS = 40
+KL_TOPK = 16  # the base distribution kept per replay position: the 16 likeliest tokens carry nearly all its mass
+CACHE_VERSION = 2
+
+
+def builtin(name: str) -> Path:
+    return Path(str(resources.files("liandan") / "knowledge" / name))
+
+
+# ---------------------------------------------------------------- prompt files
+def read_prompts(path: Path) -> list[str]:
+    """Replay prompts: JSONL with a "prompt" (or "question") field per line, or plain text, one per line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise LiandanError(f"--replay-prompts {path}: file not found") from None
+    except UnicodeDecodeError:
+        raise LiandanError(f"--replay-prompts {path}: not UTF-8 text") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if path.suffix == ".jsonl" or line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LiandanError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            text = value.get("prompt", value.get("question")) if isinstance(value, dict) else None
+            if not isinstance(text, str) or not text.strip():
+                raise LiandanError(f"{path}:{number}: expected an object with a non-empty \"prompt\" string")
+            prompts.append(text.strip())
+        else:
+            prompts.append(line)
+    if not prompts:
+        raise LiandanError(f"--replay-prompts {path}: no prompts in the file")
+    return prompts
+
+
+@dataclass
+class Question:
+    question: str
+    answers: list[str]  # any of these, found in the reply, makes it correct
+
+
+def read_questions(path: Path) -> list[Question]:
+    questions = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            value = json.loads(line)
+            questions.append(Question(value["question"], list(value["answers"])))
+    return questions
+
+
+def is_correct(reply: str, answers: list[str]) -> bool:
+    """An expected answer appears in the reply (case-insensitive; Latin words and numbers as whole words)."""
+    reply = reply.lower()
+    for answer in answers:
+        answer = answer.lower()
+        if answer.isascii():
+            if re.search(r"(?<![a-z0-9])" + re.escape(answer) + r"(?![a-z0-9])", reply):
+                return True
+        elif answer in reply:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- batched greedy answers
+@dataclass
+class Answer:
+    tokens: list[int]  # generated ids, stop token excluded
+    stopped: bool  # ended on a stop token within the budget
+    topk_ids: list[list[int]] | None = None  # per generated position (stop included): the k likeliest tokens
+    topk_logp: list[list[float]] | None = None  # ... and their log-probabilities
+
+
+@torch.no_grad()
+def greedy_answers(model, prompts_ids: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int,
+                   device, batch_size: int = 64, topk: int = 0) -> list[Answer]:
+    """Greedy answers for many prompts at once: transformers' generate with left padding.
+    topk > 0 also keeps the k likeliest tokens and their log-probabilities at each step (for --kl-weight)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids),
+                              pad_token_id=pad_id, return_dict_in_generate=True, output_logits=bool(topk))
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompts_ids)), key=lambda i: len(prompts_ids[i]))  # similar lengths, little padding
+    answers: list[Answer | None] = [None] * len(prompts_ids)
+    stops = set(stop_ids)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(prompts_ids[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            p = prompts_ids[i]
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        if topk:  # step by step: stacking all steps' full-vocabulary logits first would double the memory
+            steps = [step.float().log_softmax(-1).topk(topk, dim=-1) for step in out.logits]
+            top_logp = torch.stack([t.values for t in steps], 1).cpu()  # batch × steps × k
+            top_ids = torch.stack([t.indices for t in steps], 1).cpu()
+        for r, i in enumerate(rows):
+            tokens, stopped = [], False
+            for token in out.sequences[r, width:].tolist():
+                if token in stops:
+                    stopped = True
+                    break
+                tokens.append(token)
+            answers[i] = Answer(tokens, stopped)
+            if topk:
+                n_steps = len(tokens) + stopped
+                answers[i].topk_ids = top_ids[r, :n_steps].tolist()
+                answers[i].topk_logp = [[round(v, 4) for v in row] for row in top_logp[r, :n_steps].tolist()]
+    model.train(was_training)
+    return answers
+
+
+# ---------------------------------------------------------------- cache
+def model_fingerprint(model_dir: Path) -> str:
+    """Identifies a model directory's weights: its config plus the names, sizes and times of its weight files."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256(str(model_dir.resolve()).encode())
+    config = model_dir / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _cache_path(kind: str, model_dir: Path, rendering, prompts: list[str], max_tokens: int) -> Path:
+    from liandan.models import cache_root
+
+    key = json.dumps([CACHE_VERSION, kind, model_fingerprint(model_dir), rendering.to_dict(), prompts, max_tokens],
+                     ensure_ascii=False, sort_keys=True)
+    return cache_root() / "replay" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
+def cached_answers(kind: str, model, encoder, model_dir: Path, prompts: list[str], max_tokens: int,
+                   stop_ids: list[int], pad_id: int, device, topk: int = 0) -> tuple[list[Answer], float | None, Path]:
+    """The base model's greedy answers to prompts, from the cache or generated now (then cached).
+
+    Returns (answers, seconds spent generating or None when read from the cache, cache file)."""
+    from liandan.atomic import atomic_write_text
+
+    path = _cache_path(kind, model_dir, encoder.rendering, prompts, max_tokens)
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            answers = [Answer(**a) for a in saved["answers"]]
+            if saved.get("prompts") == prompts and (not topk or all(a.topk_ids is not None for a in answers)):
+                return answers, None, path
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is regenerated
+    start = time.perf_counter()
+    prompt_ids = [encoder.prompt_ids([{"role": "user", "content": p}]) for p in prompts]
+    answers = greedy_answers(model, prompt_ids, max_tokens, stop_ids, pad_id, device, topk=topk)
+    seconds = time.perf_counter() - start
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"prompts": prompts, "seconds": seconds,
+                                            "answers": [asdict(a) for a in answers]}, ensure_ascii=False))
+    except OSError:
+        pass  # a read-only cache costs time on the next run, nothing else
+    return answers, seconds, path
+
+
+# ---------------------------------------------------------------- replay examples
+@dataclass
+class ReplayPool:
+    items: list[Encoded]
+    prompts: int
+    seconds: float | None  # generation time now, None when cached
+    cache: Path
+
+
+def replay_pool(model, tokenizer, encoder, model_dir: Path, prompts_file: str | None, stop_ids: list[int],
+                pad_id: int, device, max_seq_length: int, soft_targets: bool = False) -> ReplayPool:
+    """Training examples made of the base model's own answers to the replay prompts (prompt masked).
+    soft_targets: also keep the base model's top-k distribution at each answer position (--kl-weight)."""
+    prompts = read_prompts(Path(prompts_file)) if prompts_file else read_prompts(builtin(REPLAY_PROMPTS))
+    answers, seconds, cache = cached_answers("replay", model, encoder, model_dir, prompts, REPLAY_MAX_TOKENS,
+                                             stop_ids, pad_id, device, topk=KL_TOPK if soft_targets else 0)
+    stop_id = tokenizer.convert_tokens_to_ids(encoder.rendering.stop_tokens[0])
+    items = []
+    for prompt, answer in zip(prompts, answers):
+        if not answer.tokens:
+            continue  # an empty answer would only teach the model to stop at once
+        prompt_ids = encoder.prompt_ids([{"role": "user", "content": prompt}])
+        # The base model's own token ids, not a re-tokenised text: exactly what it produces.
+        answer_ids = answer.tokens + ([stop_id] if answer.stopped else [])
+        ids = (prompt_ids + answer_ids)[:max_seq_length]
+        labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_seq_length]
+        trained = sum(1 for label in labels[1:] if label != IGNORE)
+        if trained:
+            # answer_ids[j] was chosen from topk[j]; after truncation only the first `trained` remain.
+            soft = (answer.topk_ids[:trained], answer.topk_logp[:trained]) if soft_targets else None
+            items.append(Encoded(ids, labels, 0, soft))
+    return ReplayPool(items, len(prompts), seconds, cache)
+
+
+def replay_indices(n_train: int, pool_size: int, ratio: float, rng) -> list[int]:
+    """Replay examples for one epoch: round(ratio × n_train) of them, cycling through a shuffled pool."""
+    if ratio <= 0 or pool_size == 0:
+        return []
+    count = max(1, round(ratio * n_train))
+    chosen: list[int] = []
+    while len(chosen) < count:
+        order = list(range(pool_size))
+        rng.shuffle(order)
+        chosen += order[: count - len(chosen)]
+    return chosen
+
+
+# ---------------------------------------------------------------- retention
+@dataclass
+class Retention:
+    questions: list[Question]
+    base: list[bool]
+    after: list[bool]
+    replies: list[str]  # after fine-tuning
+
+    @property
+    def base_correct(self) -> int:
+        return sum(self.base)
+
+    @property
+    def kept(self) -> int:
+        return sum(b and a for b, a in zip(self.base, self.after))
+
+    @property
+    def lost(self) -> list[tuple[Question, str]]:
+        return [(q, r) for q, b, a, r in zip(self.questions, self.base, self.after, self.replies) if b and not a]
+
+    def summary(self) -> str:
+        share = f" ({100 * self.kept / self.base_correct:.0f}%)" if self.base_correct else ""
+        return (f"General knowledge kept: {self.kept}/{self.base_correct}{share} of the base model's correct answers "
+                f"to {len(self.questions)} held-out general questions.")
+
+
+def answer_replies(model, tokenizer, encoder, questions: list[Question], stop_ids, pad_id, device) -> list[str]:
+    prompt_ids = [encoder.prompt_ids([{"role": "user", "content": q.question}]) for q in questions]
+    answers = greedy_answers(model, prompt_ids, RETENTION_MAX_TOKENS, stop_ids, pad_id, device)
+    return [tokenizer.decode(a.tokens, skip_special_tokens=True) for a in answers]
+
+
+def base_retention(model, tokenizer, encoder, model_dir: Path, stop_ids, pad_id, device) -> list[bool]:
+    """Which held-out questions the base model answers correctly (cached like the replay answers)."""
+    questions = read_questions(builtin(RETENTION_QUESTIONS))
+    answers, _, _ = cached_answers("retention", model, encoder, model_dir, [q.question for q in questions],
+                                   RETENTION_MAX_TOKENS, stop_ids, pad_id, device)
+    return [is_correct(tokenizer.decode(a.tokens, skip_special_tokens=True), q.answers)
+            for q, a in zip(questions, answers)]
+
+
+def retention(model, tokenizer, encoder, base: list[bool], stop_ids, pad_id, device) -> Retention:
+    questions = read_questions(builtin(RETENTION_QUESTIONS))
+    replies = answer_replies(model, tokenizer, encoder, questions, stop_ids, pad_id, device)
+    return Retention(questions, base, [is_correct(r, q.answers) for r, q in zip(replies, questions)], replies)

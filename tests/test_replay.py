@@ -1,0 +1,118 @@
+"""Self-replay against forgetting, the KL term's soft targets, and the retention score."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import liandan, write_jsonl
+from liandan.data.batching import EncodedSet, collate, iterate_batches
+from liandan.data.render import IGNORE, Encoded
+from liandan.errors import LiandanError
+from liandan.replay import builtin, is_correct, read_prompts, read_questions, replay_indices, REPLAY_PROMPTS, RETENTION_QUESTIONS
+
+ROWS = [{"prompt": f"What is code {i}?", "completion": f"Code {i} is {'ab' * (i % 3 + 1)}."} for i in range(8)]
+
+
+def test_answer_matching():
+    assert is_correct("The capital of France is Paris.", ["Paris"])
+    assert is_correct("There are 24 hours in a day.", ["24"])
+    assert not is_correct("There are 124 hours.", ["24"])  # numbers and words match whole
+    assert not is_correct("Parisian food", ["Paris"])
+    assert is_correct("法国的首都是巴黎。", ["巴黎"])
+    assert not is_correct("I do not know.", ["Jupiter"])
+
+
+def test_builtin_sets_are_bilingual_and_disjoint():
+    prompts = read_prompts(builtin(REPLAY_PROMPTS))
+    questions = [q.question for q in read_questions(builtin(RETENTION_QUESTIONS))]
+    assert len(prompts) >= 48 and len(questions) >= 30
+    chinese = lambda s: any("\u4e00" <= c <= "\u9fff" for c in s)  # noqa: E731
+    assert sum(map(chinese, prompts)) >= 16 and sum(map(chinese, questions)) >= 8
+    assert not set(prompts) & set(questions)
+
+
+def test_replay_prompt_file_errors_name_the_line(tmp_path):
+    bad = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": "Hi"}, '{"prompt": oops}'])
+    with pytest.raises(LiandanError, match=r"mine.jsonl:2: invalid JSON"):
+        read_prompts(bad)
+    (tmp_path / "plain.txt").write_text("First question?\n\nSecond one\n", encoding="utf-8")
+    assert read_prompts(tmp_path / "plain.txt") == ["First question?", "Second one"]
+    with pytest.raises(LiandanError, match="not found"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_replay_is_mixed_in_at_the_ratio_deterministically():
+    data = EncodedSet("train.jsonl", "completions", [Encoded([1] * (5 + i), [IGNORE] + [1] * (4 + i)) for i in range(8)])
+    replay = [Encoded([2] * 30, [IGNORE] * 10 + [2] * 20) for _ in range(3)]
+    first = iterate_batches(data, 2, seed=0, replay=replay, replay_ratio=0.5)
+    again = iterate_batches(data, 2, seed=0, replay=replay, replay_ratio=0.5)
+    epoch0 = [b for e, b in (next(first) for _ in range(6))]
+    assert epoch0 == [b for e, b in (next(again) for _ in range(6))]
+    seen = sorted(i for b in epoch0 for i in b)
+    assert seen[:8] == list(range(8)) and len([i for i in seen if i >= 8]) == 4  # 0.5 × 8, cycling a pool of 3
+    assert set(i for i in seen if i >= 8) == {8, 9, 10}
+    assert replay_indices(8, 3, 0.0, random.Random(0)) == []
+    # Without replay the order is what it always was (resuming older runs replays the same batches).
+    plain = iterate_batches(data, 2, seed=0)
+    assert all(max(b) < 8 for b in (next(plain)[1] for _ in range(8)))
+
+
+def test_soft_targets_line_up_with_trained_positions(tmp_path, tiny_llama):
+    """The cached top-k log-probs of each replay answer token equal a fresh forward pass at that position."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from liandan.data.render import Encoder, make_rendering
+    from liandan.evaluate import loss_terms
+    from liandan.generate import stop_token_ids
+    from liandan.replay import replay_pool
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    encoder = Encoder(tokenizer, make_rendering(tokenizer))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Tell me a story"}, {"prompt": "Hi"}, {"prompt": "Why?"}])
+    stops = stop_token_ids(tokenizer, model, encoder.rendering)
+    pool = replay_pool(model, tokenizer, encoder, tiny_llama, str(prompts), stops, tokenizer.pad_token_id, "cpu", 2048,
+                       soft_targets=True)
+    assert pool.items and all(item.soft is not None for item in pool.items)
+    batch = collate(pool.items, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].log_softmax(-1)
+    selected = batch["labels"][:, 1:] != IGNORE
+    at_trained = logp[selected]
+    assert int(batch["soft_mask"].sum()) == at_trained.shape[0]
+    assert torch.allclose(at_trained.gather(-1, batch["soft_ids"]), batch["soft_logp"], atol=2e-3)
+    # The trained token is the base model's greedy choice: the top of its own distribution.
+    assert torch.equal(batch["soft_ids"][:, 0], batch["labels"][:, 1:][selected])
+    with torch.no_grad():
+        _, _, no_kl = loss_terms(model, batch)
+        _, _, kl = loss_terms(model, batch, with_kl=True)
+    assert no_kl is None and float(kl) > 0  # KL to a top-16 truncation of itself is positive for a flat tiny model
+    # A second pool comes from the cache, identical.
+    again = replay_pool(model, tokenizer, encoder, tiny_llama, str(prompts), stops, tokenizer.pad_token_id, "cpu", 2048,
+                        soft_targets=True)
+    assert again.seconds is None and [i.input_ids for i in again.items] == [i.input_ids for i in pool.items]
+
+
+def test_lora_reports_replay_and_retention(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setenv("LIANDAN_CACHE", str(tmp_path / "cache"))  # an empty replay cache: the first run generates
+    data = tmp_path / "data"
+    for split in ("train", "valid", "test"):
+        write_jsonl(data / f"{split}.jsonl", ROWS)
+    common = ["lora", "--model", tiny_llama, "--train", "--test", "--data", data, "--iters", "8", "--batch-size", "2",
+              "--steps-per-report", "2", "--val-batches", "1"]
+    first = liandan(*common, "--adapter-path", tmp_path / "a")
+    assert first.returncode == 0, first.stderr
+    assert "base-model answers to 104 general prompts (generated in" in first.stdout
+    assert "Replay: 8 of the 16 examples trained on were base-model answers" in first.stdout  # one epoch, ratio 1
+    assert "General knowledge kept:" in first.stdout and "held-out general questions" in first.stdout
+    record = json.loads((tmp_path / "a" / "liandan.json").read_text())
+    assert record["training"]["replay_ratio"] == 1.0 and record["training"]["kl_weight"] == 3.0
+    again = liandan(*common, "--adapter-path", tmp_path / "b", "--kl-weight", "0.5")
+    assert again.returncode == 0, again.stderr
+    assert "general prompts (read from the cache" in again.stdout
+    off = liandan(*common, "--adapter-path", tmp_path / "d", "--replay-ratio", "0")
+    assert off.returncode == 0 and "Replay:" not in off.stdout
+    bad = liandan(*common, "--adapter-path", tmp_path / "e", "--replay-ratio", "-1")
+    assert bad.returncode == 2 and "--replay-ratio must be between 0 and 10" in bad.stderr
