@@ -1,6 +1,6 @@
 """Learning without forgetting: new facts learned vs. general knowledge kept, replay off and on.
 
-    .venv/bin/python benchmarks/forgetting.py [--runs 0 1 1:1] [--iters 300]
+    .venv/bin/python benchmarks/forgetting.py [--runs 0 1 1:3] [--iters 300]
 
 Trains the embedded model (SmolLM2-135M-Instruct) on ten invented facts with mlx_lm's default LoRA
 settings (last 16 layers, every linear layer, rank 8, scale 20), lr 1e-4, batch 2, once per
@@ -50,9 +50,7 @@ def run(data: Path, out: Path, ratio: float, kl: float, iters: int, model: str |
     cmd = [sys.executable, "-m", "liandan", "lora", "--train", "--test", "--data", str(data), "--adapter-path", str(out),
            "--learning-rate", "1e-4", "--batch-size", "2", "--iters", str(iters), "--val-batches", "-1",
            "--steps-per-eval", str(iters), "--steps-per-report", "50", "--save-every", str(iters), "--test-batches", "-1",
-           "--replay-ratio", str(ratio), "--overwrite"]
-    if kl:
-        cmd += ["--kl-weight", str(kl)]
+           "--replay-ratio", str(ratio), "--kl-weight", str(kl), "--overwrite"]
     if model:
         cmd += ["--model", model]
     start = time.perf_counter()
@@ -82,8 +80,9 @@ def run(data: Path, out: Path, ratio: float, kl: float, iters: int, model: str |
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=["0", "0.5", "1", "1:1"],
-                        help="Runs as --replay-ratio or --replay-ratio:--kl-weight (default: 0 0.5 1 1:1)")
+    parser.add_argument("--runs", nargs="+", default=["0", "1", "1:1", "1:3", "2:1"],
+                        help="Runs as RATIO (plain replay, --kl-weight 0) or RATIO:KL_WEIGHT (default: 0 1 1:1 1:3 2:1; "
+                             "liandan's default is 1:3)")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--model", default=None, help="Base model (default: the embedded smollm2-135m)")
     parser.add_argument("--json", help="Also write the rows to this JSON file")
