@@ -179,8 +179,6 @@ def run(cfg, log=print, dist=None) -> int:
     replay = None
     if cfg.train and chat_style and splits["train"].format != "text" and cfg.replay_ratio > 0:
         replay = replay_examples(model, tokenizer, encoder, model_dir, cfg, stop_ids, pad_id, device, dist, log)
-    elif cfg.train and cfg.kl_weight > 0:
-        log("Note: --kl-weight acts on replay examples, and replay is off for this run (text data or --replay-ratio 0).")
     # Which held-out general questions the base model gets right, asked before any weight changes.
     base_known = None
     if cfg.test and chat_style and not dist.enabled and "test" in encoded:
