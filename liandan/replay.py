@@ -230,11 +230,12 @@ def replay_pool(model, tokenizer, encoder, model_dir: Path, prompts_file: str | 
         answer_ids = answer.tokens + ([stop_id] if answer.stopped else [])
         ids = (prompt_ids + answer_ids)[:max_seq_length]
         labels = ([IGNORE] * len(prompt_ids) + answer_ids)[:max_seq_length]
-        trained = sum(1 for label in labels[1:] if label != IGNORE)
-        if trained:
-            # answer_ids[j] was chosen from topk[j]; after truncation only the first `trained` remain.
-            soft = (answer.topk_ids[:trained], answer.topk_logp[:trained]) if soft_targets else None
-            items.append(Encoded(ids, labels, 0, soft))
+        item = Encoded(ids, labels, 0)
+        if item.n_trained:
+            # answer_ids[j] was chosen from topk[j]; after truncation only the first n_trained remain.
+            if soft_targets:
+                item.soft = (answer.topk_ids[:item.n_trained], answer.topk_logp[:item.n_trained])
+            items.append(item)
     return ReplayPool(items, len(prompts), seconds, cache)
 
 

@@ -212,7 +212,7 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
             counters["examples"] += sum(len(indices) for indices in step_indices)
             counters["replay_examples"] += len(replayed)
             counters["replay_tokens"] += sum(len(items_of[i].input_ids) for i in replayed)
-            n_step = sum(sum(1 for label in item.labels[1:] if label != -100) for b in global_batches for item in b)
+            n_step = sum(item.n_trained for b in global_batches for item in b)
             step_loss = tokens = 0.0
             for items in global_batches:
                 batch = collate([items[i] for i in dist.shard(list(range(len(items))))], pad_id, device)

@@ -102,8 +102,7 @@ def collate(items: list[Encoded], pad_id: int, device) -> dict:
         # (row-major over labels[:, 1:]); soft_mask says which trained positions have one.
         soft_ids, soft_logp, soft_mask = [], [], []
         for item in items:
-            n = sum(1 for label in item.labels[1:] if label != IGNORE)
-            soft_mask += [item.soft is not None] * n
+            soft_mask += [item.soft is not None] * item.n_trained
             if item.soft is not None:
                 soft_ids += item.soft[0]
                 soft_logp += item.soft[1]

@@ -120,7 +120,8 @@ class Encoded:
 
     @property
     def n_trained(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        """Positions that count in the loss: a label predicts the next token, so the first one never does."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 @dataclass
