@@ -10,8 +10,9 @@ padding with DataCollatorForSeq2Seq, no packing, no length grouping.
 
 Printed: trained (non-pad) tokens per second, wall time of the training loop, peak RSS, final train
 loss, validation loss on the same held-out set (computed by the same function for both), and MFU =
-model FLOP/s (6 x parameters x tokens / s, the usual convention) / this machine's fp32 matmul FLOP/s
-measured at the start of the run.
+model FLOP/s / this machine's fp32 matmul FLOP/s measured at the start of the run. Model FLOPs are
+4 x parameters per token: 2 for the forward pass and 2 for the backward pass's input gradients. The
+usual 6 assumes gradients for every weight, which LoRA's frozen base weights never need.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from pathlib import Path
 WORDS = ("the database stores rows in pages and an index finds them fast when the query planner chooses a "
          "plan it estimates cost from statistics about tables columns and values vacuum removes dead tuples "
          "replication copies changes to standby servers backups protect data against loss and mistakes").split()
+
+
+FLOPS_PER_PARAM_TOKEN = 4  # frozen base: forward (2) + input gradients (2); LoRA's own weights are negligible
 
 
 def make_data(root: Path, n_train: int = 512, n_valid: int = 64, seed: int = 0) -> None:
@@ -72,7 +76,7 @@ def validation_loss(model, tokenizer, data_dir: Path) -> float:
     return evaluate_loss(model, valid, 4, -1, tokenizer.pad_token_id, "cpu")[0]
 
 
-def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: int = 0) -> dict:
+def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: int = 0, options: dict | None = None) -> dict:
     from liandan.config import load_config
     from liandan.lora import run
 
@@ -81,7 +85,7 @@ def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: in
         model=model_spec, train=True, data=str(data_dir), adapter_path=str(out), iters=steps, batch_size=4,
         learning_rate=1e-4, num_layers=-1, val_batches=0, steps_per_report=1, steps_per_eval=10**9,
         save_every=10**9, seed=seed, overwrite=True, replay_ratio=0.0,  # the baseline trains on the data alone
-        lora_parameters={"rank": 8, "alpha": 16, "dropout": 0.0, "keys": ["q_proj", "v_proj"]},
+        lora_parameters={"rank": 8, "alpha": 16, "dropout": 0.0, "keys": ["q_proj", "v_proj"]}, **(options or {}),
     ))
     captured = {}
 
@@ -99,6 +103,7 @@ def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: in
     result = captured["result"]
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+    norms = [m["grad_norm"] for m in metrics if "grad_norm" in m]
     from transformers import AutoTokenizer
 
     from liandan.models import resolve_model
@@ -106,7 +111,19 @@ def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: in
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model_spec)))
     return {"seconds": result.seconds, "tokens": result.tokens, "final_train_loss": sum(losses[-max(1, steps // 10):]) /
             max(1, steps // 10), "val_loss": validation_loss(captured["model"], tokenizer, data_dir),
-            "params": sum(p.numel() for p in captured["model"].parameters())}
+            "params": sum(p.numel() for p in captured["model"].parameters()),
+            "grad_norm_median": sorted(norms)[len(norms) // 2]}
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """--liandan-option KEY=VALUE pairs → TrainConfig overrides (values read as YAML: 1.0, token, true)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    return options
 
 
 def run_hf(model_spec: str, data_dir: Path, steps: int, out: Path, seed: int = 0) -> dict:
@@ -173,13 +190,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="Optimizer steps for each system (default 24)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="Run both systems once per seed (data order and LoRA init); >1 seed also prints mean ± sd")
+    parser.add_argument("--systems", nargs="+", choices=["hf", "liandan"], default=["hf", "liandan"],
+                        help="Which systems to run (default both)")
+    parser.add_argument("--liandan-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="A liandan training option for this run, e.g. batch_order=length or max_grad_norm=1.0")
     parser.add_argument("--run", choices=["liandan", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:  # child process: one system, results as JSON on the last line
         work = Path(tempfile.mkdtemp())
-        run = run_liandan if args.run == "liandan" else run_hf
-        result = run(args.model, Path(args.data), args.steps, work / "out", args.seeds[0])
+        if args.run == "liandan":
+            result = run_liandan(args.model, Path(args.data), args.steps, work / "out", args.seeds[0],
+                                 parse_options(args.liandan_option))
+        else:
+            result = run_hf(args.model, Path(args.data), args.steps, work / "out", args.seeds[0])
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(json.dumps(result))
         return
@@ -188,39 +212,48 @@ def main() -> None:
     peak = matmul_flops()
     print(f"Machine: {os.cpu_count()} CPU threads, fp32 matmul {peak / 1e9:.1f} GFLOP/s (2048x2048, measured now)")
     names = {"hf": "HF Trainer + PEFT", "liandan": "liandan"}
-    rows: dict[str, list[dict]] = {"hf": [], "liandan": []}
+    if args.liandan_option:
+        names["liandan"] = "liandan " + " ".join(args.liandan_option)
+    systems = [s for s in ("hf", "liandan") if s in args.systems]
+    rows: dict[str, list[dict]] = {s: [] for s in systems}
     for seed in args.seeds:
-        for system in ("hf", "liandan"):
+        for system in systems:
+            extra = [f"--liandan-option={o}" for o in args.liandan_option] if system == "liandan" else []
             child = subprocess.run([sys.executable, __file__, "--run", system, "--data", str(data), "--steps",
-                                    str(args.steps), "--model", args.model, "--seeds", str(seed)],
+                                    str(args.steps), "--model", args.model, "--seeds", str(seed), *extra],
                                    capture_output=True, text=True)
             if child.returncode != 0:
                 sys.exit(f"{system} failed:\n{child.stderr[-3000:]}")
             rows[system].append(json.loads(child.stdout.strip().splitlines()[-1]))
     print(f"\n{args.steps} steps x batch 4 on 512 generated examples (20-600 tokens), LoRA r8 on q_proj/v_proj\n")
-    header = (f"{'system':<22}{'seed':>5}{'tokens/s':>10}{'wall s':>9}{'peak RSS GB':>13}{'train loss':>12}"
+    width = max(22, *(len(names[s]) + 2 for s in systems))
+    header = (f"{'system':<{width}}{'seed':>5}{'tokens/s':>10}{'wall s':>9}{'peak RSS GB':>13}{'train loss':>12}"
               f"{'val loss':>10}{'MFU':>8}")
     print(header)
     print("-" * len(header))
     for i, seed in enumerate(args.seeds):
-        for system in ("hf", "liandan"):
+        for system in systems:
             r = rows[system][i]
             tps = r["tokens"] / r["seconds"]
-            mfu = 6 * r["params"] * tps / peak
-            print(f"{names[system]:<22}{seed:>5}{tps:>10.1f}{r['seconds']:>9.1f}{r['peak_rss_gb']:>13.2f}"
+            mfu = FLOPS_PER_PARAM_TOKEN * r["params"] * tps / peak
+            print(f"{names[system]:<{width}}{seed:>5}{tps:>10.1f}{r['seconds']:>9.1f}{r['peak_rss_gb']:>13.2f}"
                   f"{r['final_train_loss']:>12.3f}{r['val_loss']:>10.3f}{mfu:>8.1%}")
+    if "liandan" in rows:
+        print("\nliandan median gradient norm per seed (before any clipping): "
+              + ", ".join(f"{r['grad_norm_median']:.3f}" for r in rows["liandan"]))
     speed = {s: sum(r["tokens"] for r in rows[s]) / sum(r["seconds"] for r in rows[s]) for s in rows}
-    print(f"\nliandan / baseline tokens per second: {speed['liandan'] / speed['hf']:.2f}x")
+    if len(rows) == 2:
+        print(f"liandan / baseline tokens per second: {speed['liandan'] / speed['hf']:.2f}x")
     if len(args.seeds) > 1:
         import statistics
 
-        for system in ("hf", "liandan"):
+        for system in systems:
             vals = [r["val_loss"] for r in rows[system]]
             print(f"{names[system]}: val loss mean {statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f} (sd over "
                   f"{len(vals)} seeds); peak RSS max {max(r['peak_rss_gb'] for r in rows[system]):.2f} GB")
-        diffs = [b["val_loss"] - a["val_loss"] for a, b in zip(rows["hf"], rows["liandan"])]
-        print(f"liandan - baseline val loss per seed: {', '.join(f'{d:+.4f}' for d in diffs)}")
-
+        if len(rows) == 2:
+            diffs = [b["val_loss"] - a["val_loss"] for a, b in zip(rows["hf"], rows["liandan"])]
+            print(f"liandan - baseline val loss per seed: {', '.join(f'{d:+.4f}' for d in diffs)}")
 
 if __name__ == "__main__":
     main()

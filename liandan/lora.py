@@ -62,6 +62,10 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--kl-weight", type=float,
         help="Weight of the KL term that pulls replay answers toward the base model's token distribution "
              "(default 3; 0 = plain replay)")
+    add("--max-grad-norm", type=float, help="Clip each step's gradient to this norm (default: no clipping)")
+    add("--batch-order", choices=["random", "length"],
+        help="random (default): batches are random draws, padding removed by running different lengths "
+             "separately; length: mlx_lm's batches of similar lengths")
     return parser
 
 
@@ -127,6 +131,11 @@ def run(cfg, log=print, dist=None) -> int:
         resume_from = latest_checkpoint(adapter_dir) if cfg.resume == "latest" else Path(cfg.resume)
         if resume_from is None or not (resume_from / TRAINER_STATE).is_file():
             raise LiandanError(f"--resume: no checkpoint found in {resume_from or adapter_dir / 'checkpoints'}")
+        # Continue in the batch order the run started with (runs from before --batch-order used "length").
+        started_with = read_record(resume_from).get("training", {}).get("batch_order", "length")
+        if started_with != cfg.batch_order:
+            log(f"Note: resuming with --batch-order {started_with}, the order this run started with.")
+            cfg.batch_order = started_with
     elif cfg.train:
         if any((adapter_dir / f).exists() for f in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS)) and not cfg.overwrite:
             raise LiandanError(

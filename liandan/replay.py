@@ -175,6 +175,11 @@ def _cache_path(kind: str, model_dir: Path, rendering, prompts: list[str], max_t
     return cache_root() / "replay" / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
+def user_prompt_ids(encoder, text: str) -> list[int]:
+    """Token ids of a one-message user turn followed by the assistant header, as at generation time."""
+    return encoder.prompt_ids([{"role": "user", "content": text}])
+
+
 def cached_answers(kind: str, model, encoder, model_dir: Path, prompts: list[str], max_tokens: int,
                    stop_ids: list[int], pad_id: int, device, topk: int = 0) -> tuple[list[Answer], float | None, Path]:
     """The base model's greedy answers to prompts, from the cache or generated now (then cached).
@@ -192,7 +197,7 @@ def cached_answers(kind: str, model, encoder, model_dir: Path, prompts: list[str
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is regenerated
     start = time.perf_counter()
-    prompt_ids = [encoder.prompt_ids([{"role": "user", "content": p}]) for p in prompts]
+    prompt_ids = [user_prompt_ids(encoder, p) for p in prompts]
     answers = greedy_answers(model, prompt_ids, max_tokens, stop_ids, pad_id, device, topk=topk)
     seconds = time.perf_counter() - start
     try:
@@ -225,7 +230,7 @@ def replay_pool(model, tokenizer, encoder, model_dir: Path, prompts_file: str | 
     for prompt, answer in zip(prompts, answers):
         if not answer.tokens:
             continue  # an empty answer would only teach the model to stop at once
-        prompt_ids = encoder.prompt_ids([{"role": "user", "content": prompt}])
+        prompt_ids = user_prompt_ids(encoder, prompt)
         # The base model's own token ids, not a re-tokenised text: exactly what it produces.
         answer_ids = answer.tokens + ([stop_id] if answer.stopped else [])
         ids = (prompt_ids + answer_ids)[:max_seq_length]
@@ -279,7 +284,7 @@ class Retention:
 
 
 def answer_replies(model, tokenizer, encoder, questions: list[Question], stop_ids, pad_id, device) -> list[str]:
-    prompt_ids = [encoder.prompt_ids([{"role": "user", "content": q.question}]) for q in questions]
+    prompt_ids = [user_prompt_ids(encoder, q.question) for q in questions]
     answers = greedy_answers(model, prompt_ids, RETENTION_MAX_TOKENS, stop_ids, pad_id, device)
     return [tokenizer.decode(a.tokens, skip_special_tokens=True) for a in answers]
 

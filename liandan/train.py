@@ -23,7 +23,7 @@ from tqdm import tqdm
 from liandan.adapters import decoder_layers, save_adapter_files
 from liandan.atomic import atomic_dir, atomic_path
 from liandan.config import TrainConfig, lr_multiplier
-from liandan.data.batching import EncodedSet, collate, iterate_batches
+from liandan.data.batching import EncodedSet, collate, iterate_batches, padding_free_groups
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, loss_terms
@@ -161,7 +161,8 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
     replay = replay or []
     items_of = train_set.items + replay  # batch indices past the data's own point into the replay examples
     n_train = len(train_set.items)
-    batches = iterate_batches(train_set, cfg.batch_size, cfg.seed, replay=replay, replay_ratio=cfg.replay_ratio)
+    batches = iterate_batches(train_set, cfg.batch_size, cfg.seed, replay=replay, replay_ratio=cfg.replay_ratio,
+                               order=cfg.batch_order)
     for _ in range((first - 1) * cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
         next(batches)
     metrics = open(adapter_dir / METRICS, "a" if resume else "w", encoding="utf-8") if dist.is_main else None
@@ -215,16 +216,20 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
             n_step = sum(item.n_trained for b in global_batches for item in b)
             step_loss = tokens = 0.0
             for items in global_batches:
-                batch = collate([items[i] for i in dist.shard(list(range(len(items))))], pad_id, device)
-                objective, _, ce_sum = forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                               batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
-                # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
-                (objective * dist.world / n_step).backward()
-                step_loss += float(ce_sum)  # reported: the cross-entropy, comparable with the validation loss
-                tokens += int(batch["attention_mask"].sum())
+                mine = [items[i] for i in dist.shard(list(range(len(items))))]
+                # One process: sub-batches without padding. Under torchrun every rank must run the same number
+                # of backward passes (each one synchronises gradients), so each runs its share as one batch.
+                for group in ([mine] if dist.enabled else padding_free_groups(mine)):
+                    batch = collate(group, pad_id, device)
+                    objective, _, ce_sum = forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                   batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
+                    # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
+                    (objective * dist.world / n_step).backward()
+                    step_loss += float(ce_sum)  # reported: the cross-entropy, comparable with the validation loss
+                    tokens += int(batch["attention_mask"].sum())
             step_loss, tokens = dist.all_sum([step_loss, tokens])
             window["tokens"] += int(tokens)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 what = "loss" if not math.isfinite(step_loss) else "gradient norm"
                 if not cfg.skip_nonfinite:
@@ -256,6 +261,7 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                     "iteration": it,
                     "train_loss": last_train_loss,
                     "learning_rate": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,  # of the report's last step, before clipping
                     "it_per_sec": window["steps"] / elapsed,
                     "tokens_per_sec": window["tokens"] / elapsed,
                     "trained_tokens": counters["trained"],

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import JOKES, liandan, write_jsonl
 
 from liandan.config import load_config
@@ -111,6 +112,46 @@ def test_training_learns_an_answer_that_stops(tmp_path, tiny_llama):
     assert pipe.tokenizer.decode(result.tokens) == "Paris is the capital." and result.stopped
 
 
+def test_padding_free_groups_and_gradient_clipping(tmp_path, tiny_llama):
+    """Sub-batches without padding give the padded batch's gradient; --max-grad-norm clips it. One SGD step
+    from LoRA's B = 0 changes only B, by -lr × gradient, so both show in the saved adapter."""
+    from safetensors.torch import load_file
+
+    from liandan.data.batching import padding_free_groups
+    from liandan.data.render import IGNORE, Encoded
+
+    items = [Encoded([1] * n, [IGNORE] + [1] * (n - 1)) for n in (560, 40, 550, 45, 300)]
+    groups = padding_free_groups(items)
+    assert sorted(len(x.input_ids) for g in groups for x in g) == [40, 45, 300, 550, 560]
+    assert [[len(x.input_ids) for x in g] for g in groups] == [[560, 550], [300], [45, 40]]
+
+    data = tmp_path / "d"
+    write_jsonl(data / "train.jsonl", [{"prompt": "Hi?", "completion": "Yes."},
+                                       {"prompt": "Tell me more?", "completion": "The database stores rows in pages "
+                                        "and an index finds them fast when the query planner chooses to use it."}])
+
+    def one_step(name, **options):
+        out = tmp_path / name
+        run_lora([], model=str(tiny_llama), train=True, data=str(data), iters=1, optimizer="sgd", replay_ratio=0,
+                 num_layers=-1, adapter_path=str(out), steps_per_report=1, batch_size=2, **{"learning_rate": 0.1, **options})
+        weights = load_file(out / "adapter_model.safetensors")
+        metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+        return {k: v for k, v in weights.items() if "lora_B" in k}, metrics
+
+    # Both examples in one step: "length" pads the short one to the long one's width, "random" runs them apart.
+    padded, padded_metrics = one_step("length", batch_order="length")
+    apart, apart_metrics = one_step("random", batch_order="random")
+    assert padded_metrics["train_loss"] == pytest.approx(apart_metrics["train_loss"], rel=1e-5)
+    for key in padded:
+        assert float(padded[key].abs().max()) > 1e-4
+        assert torch.allclose(apart[key], padded[key], rtol=1e-4, atol=1e-7), key
+
+    clipped, clipped_metrics = one_step("clipped", max_grad_norm=1e-3, learning_rate=1.0)
+    assert clipped_metrics["grad_norm"] == pytest.approx(apart_metrics["grad_norm"], rel=1e-4)
+    assert apart_metrics["grad_norm"] > 1e-2  # so the clip is in effect
+    assert float(torch.cat([v.flatten() for v in clipped.values()]).norm()) == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_config_file_and_flag_precedence(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("batch_size: 8\nlearning_rate: 2.0e-4\nlora_parameters:\n  rank: 4\n  scale: 10\n"
@@ -164,6 +205,7 @@ def model_without_tokenizer(path):
      "cannot download 'Qwen/Qwen2.5-1.5B'"),
     (lambda d: (d / "config.json").write_text("{}"), ["--model", "{d}"], "is missing weights (*.safetensors), tokenizer files"),
     (lambda d: None, ["--learning-rate", "-1"], "--learning-rate must be positive"),
+    (lambda d: None, ["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
     (lambda d: (d / "train.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n'), [], "train.jsonl:2: not valid UTF-8"),
     (lambda d: (d / "train.jsonl").write_text('{"text": "' + "x" * 10_000_000 + '\n'), [], "train.jsonl:1: invalid JSON"),
     (lambda d: write_jsonl(d / "train.jsonl", [{"messages": []}]), [], "train.jsonl:1: 'messages' must be a non-empty list"),

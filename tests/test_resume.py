@@ -70,6 +70,21 @@ def test_resume_after_a_real_kill_equals_the_uninterrupted_run(reference, tiny_l
     assert_same(expected, adapters)
 
 
+def test_resume_keeps_the_batch_order_the_run_started_with(reference, tiny_llama):
+    """A run started with --batch-order length and resumed without the flag continues in length order."""
+    root, _ = reference
+    length = [*common(root / "data", root / "length-reference", tiny_llama), "--batch-order", "length"]
+    assert liandan(*length).returncode == 0
+    adapters = root / "length-run"
+    returncode, stderr = interrupt_at([*common(root / "data", adapters, tiny_llama), "--batch-order", "length"], 12,
+                                      signal.SIGINT)
+    assert returncode == 130, stderr
+    resumed = liandan(*common(root / "data", adapters, tiny_llama), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming with --batch-order length" in resumed.stdout
+    assert_same(load_file(str(root / "length-reference" / "adapter_model.safetensors")), adapters)
+
+
 def test_resume_needs_a_checkpoint(tmp_path, tiny_llama):
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
     result = liandan(*common(tmp_path / "data", tmp_path / "none", tiny_llama), "--resume")

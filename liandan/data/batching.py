@@ -1,4 +1,4 @@
-"""Encoded examples → padded batches, grouped by length so little compute goes to padding."""
+"""Encoded examples → training batches (random or length-grouped) → padded tensors with little padding."""
 
 from __future__ import annotations
 
@@ -86,6 +86,32 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
+def random_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """A random permutation cut into batches (the incomplete last one is left out, as with length grouping)."""
+    order = list(range(n))
+    rng.shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def padding_free_groups(items: list[Encoded], max_padding: float = 0.1) -> list[list[Encoded]]:
+    """Split one batch into sub-batches that each waste at most max_padding of their cells on padding.
+
+    A random batch mixes lengths (say 40 and 560 tokens): padded together, most of the compute would
+    go to padding. The training loop runs each sub-batch's forward and backward pass and normalises by
+    the trained tokens of the whole step, so the gradient is exactly the padded batch's."""
+    groups: list[list[Encoded]] = []
+    for item in sorted(items, key=lambda x: -len(x.input_ids)):
+        if groups:
+            group = groups[-1]
+            width = len(group[0].input_ids)  # the longest comes first
+            filled = sum(len(x.input_ids) for x in group) + len(item.input_ids)
+            if 1 - filled / (width * (len(group) + 1)) <= max_padding:
+                group.append(item)
+                continue
+        groups.append([item])
+    return groups
+
+
 def collate(items: list[Encoded], pad_id: int, device) -> dict:
     width = max(len(x.input_ids) for x in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -113,8 +139,9 @@ def collate(items: list[Encoded], pad_id: int, device) -> dict:
 
 
 def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: int = 0,
-                    replay: list[Encoded] | None = None, replay_ratio: float = 0.0):
-    """Endless training batches (lists of indices): a fresh shuffle of the batch order each epoch.
+                    replay: list[Encoded] | None = None, replay_ratio: float = 0.0, order: str = "random"):
+    """Endless training batches (lists of indices), reshuffled each epoch. order "random": random draws
+    of examples; "length": batches of similar lengths (mlx_lm's), in random order.
 
     With `replay` (liandan.replay), each epoch also mixes in round(replay_ratio × examples) of those
     items; their indices continue after the data's (len(data) + position in replay)."""
@@ -133,7 +160,9 @@ def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: i
         rng = random.Random(seed * 1_000_003 + epoch)
         pool = list(range(n)) + [n + j for j in replay_indices(n, len(replay), replay_ratio, rng)]
         pool_lengths = [lengths[i] if i < n else len(replay[i - n].input_ids) for i in pool]
-        for batch in length_grouped_batches(pool_lengths, batch_size, rng):
+        cut = (random_batches(len(pool), batch_size, rng) if order == "random"
+               else length_grouped_batches(pool_lengths, batch_size, rng))
+        for batch in cut:
             yield epoch, [pool[k] for k in batch]
         epoch += 1
 
