@@ -23,7 +23,7 @@ from tqdm import tqdm
 from liandan.adapters import decoder_layers, save_adapter_files
 from liandan.atomic import atomic_dir, atomic_path
 from liandan.config import TrainConfig, lr_multiplier
-from liandan.data.batching import EncodedSet, collate, iterate_batches, padding_free_groups
+from liandan.data.batching import PASS_COST_TOKENS, EncodedSet, collate, iterate_batches, padding_free_groups
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, loss_terms
@@ -165,6 +165,7 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                                order=cfg.batch_order)
     for _ in range((first - 1) * cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
         next(batches)
+    pass_cost = PASS_COST_TOKENS.get(torch.device(device).type, 64)
     metrics = open(adapter_dir / METRICS, "a" if resume else "w", encoding="utf-8") if dist.is_main else None
 
     def emit(entry: dict, line: str) -> None:
@@ -219,7 +220,7 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                 mine = [items[i] for i in dist.shard(list(range(len(items))))]
                 # One process: sub-batches without padding. Under torchrun every rank must run the same number
                 # of backward passes (each one synchronises gradients), so each runs its share as one batch.
-                for group in ([mine] if dist.enabled else padding_free_groups(mine)):
+                for group in ([mine] if dist.enabled else padding_free_groups(mine, pass_cost)):
                     batch = collate(group, pad_id, device)
                     objective, _, ce_sum = forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                                    batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
