@@ -79,8 +79,8 @@ class TrainConfig:
     replay_prompts: str | None = None  # a file of one's own replay prompts (JSONL "prompt" or one per line)
     kl_weight: float = 3.0  # pull replay positions toward the base model's own distribution (KL); 0 = plain replay
     max_grad_norm: float | None = None  # clip the gradient norm of each step (HF Trainer's 1.0); None = no clipping
-    # "random": every batch is a random draw of examples (as in HF Trainer), and examples of different lengths
-    # run as separate sub-batches so no compute goes to padding. "length": mlx_lm's batches of similar
+    # "random": every batch is a random draw of examples (as in HF Trainer); on CPU, examples of very different
+    # lengths run as separate sub-batches so little compute goes to padding. "length": mlx_lm's batches of similar
     # lengths in random order. benchmarks/train_speed.py: "length" ended 0.3% higher in validation loss on
     # 3 of 3 seeds (a batch of four short examples gives a noisy step with the weight of a full one).
     batch_order: str = "random"

@@ -64,8 +64,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "(default 3; 0 = plain replay)")
     add("--max-grad-norm", type=float, help="Clip each step's gradient to this norm (default: no clipping)")
     add("--batch-order", choices=["random", "length"],
-        help="random (default): batches are random draws, padding removed by running different lengths "
-             "separately; length: mlx_lm's batches of similar lengths")
+        help="random (default): batches are random draws (on CPU, very different lengths run as separate "
+             "sub-batches, so little compute goes to padding); length: mlx_lm's batches of similar lengths")
     return parser
 
 
