@@ -23,7 +23,7 @@ from tqdm import tqdm
 from liandan.adapters import decoder_layers, save_adapter_files
 from liandan.atomic import atomic_dir, atomic_path
 from liandan.config import TrainConfig, lr_multiplier
-from liandan.data.batching import PASS_COST_TOKENS, EncodedSet, collate, iterate_batches, padding_free_groups
+from liandan.data.batching import EncodedSet, collate, iterate_batches, padding_free_groups, pass_cost_tokens
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, loss_terms
@@ -165,7 +165,7 @@ def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet 
                                order=cfg.batch_order)
     for _ in range((first - 1) * cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
         next(batches)
-    pass_cost = PASS_COST_TOKENS.get(torch.device(device).type, 64)
+    pass_cost = pass_cost_tokens(device)
     metrics = open(adapter_dir / METRICS, "a" if resume else "w", encoding="utf-8") if dist.is_main else None
 
     def emit(entry: dict, line: str) -> None:

@@ -117,13 +117,13 @@ def test_padding_free_groups_and_gradient_clipping(tmp_path, tiny_llama):
     from LoRA's B = 0 changes only B, by -lr × gradient, so both show in the saved adapter."""
     from safetensors.torch import load_file
 
-    from liandan.data.batching import padding_free_groups
+    from liandan.data.batching import padding_free_groups, pass_cost_tokens
     from liandan.data.render import IGNORE, Encoded
 
     items = [Encoded([1] * n, [IGNORE] + [1] * (n - 1)) for n in (560, 40, 550, 45, 300)]
-    groups = padding_free_groups(items, pass_cost_tokens=64)
+    groups = padding_free_groups(items, pass_cost_tokens("cpu"))
     assert [[len(x.input_ids) for x in g] for g in groups] == [[560, 550], [300], [45, 40]]
-    assert len(padding_free_groups(items, pass_cost_tokens=10**9)) == 1  # CUDA: the batch stays whole
+    assert len(padding_free_groups(items, pass_cost_tokens("cuda"))) == 1  # GPUs: the batch stays whole
 
     data = tmp_path / "d"
     write_jsonl(data / "train.jsonl", [{"prompt": "Hi?", "completion": "Yes."},

@@ -100,7 +100,11 @@ def random_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int
 PASS_COST_TOKENS = {"cpu": 64, "cuda": 10**9, "mps": 10**9}
 
 
-def padding_free_groups(items: list[Encoded], pass_cost_tokens: int = 64) -> list[list[Encoded]]:
+def pass_cost_tokens(device) -> int:
+    return PASS_COST_TOKENS.get(torch.device(device).type, PASS_COST_TOKENS["cpu"])
+
+
+def padding_free_groups(items: list[Encoded], pass_cost_tokens: int) -> list[list[Encoded]]:
     """Split one batch into sub-batches where padding would cost more than a pass of its own.
 
     A random batch mixes lengths (say 40 and 560 tokens): padded together, most of the compute would
@@ -164,9 +168,11 @@ def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: i
     while True:
         rng = random.Random(seed * 1_000_003 + epoch)
         pool = list(range(n)) + [n + j for j in replay_indices(n, len(replay), replay_ratio, rng)]
-        pool_lengths = [lengths[i] if i < n else len(replay[i - n].input_ids) for i in pool]
-        cut = (random_batches(len(pool), batch_size, rng) if order == "random"
-               else length_grouped_batches(pool_lengths, batch_size, rng))
+        if order == "random":
+            cut = random_batches(len(pool), batch_size, rng)
+        else:
+            pool_lengths = [lengths[i] if i < n else len(replay[i - n].input_ids) for i in pool]
+            cut = length_grouped_batches(pool_lengths, batch_size, rng)
         for batch in cut:
             yield epoch, [pool[k] for k in batch]
         epoch += 1
