@@ -231,7 +231,8 @@ def run(cfg, log=print, dist=None) -> int:
         if "test" not in encoded:
             log(f"Note: --data {cfg.data} has no test.jsonl; skipping the test.")
         else:
-            test_report(model, tokenizer, encoder, splits["test"], encoded["test"], cfg, pad_id, device, log, base_known)
+            test_report(model, tokenizer, encoder, splits["test"], encoded["test"], cfg, pad_id, device, log, stop_ids,
+                        base_known)
     return 0
 
 
@@ -270,23 +271,23 @@ def check_writable(directory: Path) -> None:
         raise LiandanError(f"--adapter-path {directory}: only {free / 1e6:.0f} MB free; checkpoints need more")
 
 
-def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, device, log, base_known=None) -> dict:
+def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, device, log, stop_ids,
+                base_known=None) -> dict:
     """Test loss, perplexity, exact answers, general knowledge kept, then one sentence on what the loss means.
 
-    base_known: replay.base_retention() of the base model, for the retention score."""
+    stop_ids: the rendering's stop tokens (generate.stop_token_ids); base_known: replay.base_retention() of
+    the base model, for the retention score."""
     from liandan.data.batching import eval_batches
     from liandan.evaluate import LOSS_EXPLAINED, evaluate_loss, exact_answers, perplexity
-    from liandan.generate import stop_token_ids
 
     log("Testing")
     loss, _ = evaluate_loss(model, test_set, cfg.batch_size, cfg.test_batches, pad_id, device.torch_device)
     log(f"Test loss {loss:.3f}, Test ppl {perplexity(loss):.3f}.")
     report = {"test_loss": loss, "test_ppl": perplexity(loss)}
-    stops = stop_token_ids(tokenizer, model, encoder.rendering)
     if test_file.format != "text":
         covered = sorted(i for b in eval_batches(test_set, cfg.batch_size, cfg.test_batches) for i in b)
         examples = [test_file.examples[i] for i in covered]
-        checks = exact_answers(model, tokenizer, encoder, examples, device.torch_device, stops)
+        checks = exact_answers(model, tokenizer, encoder, examples, device.torch_device, stop_ids)
         exact = sum(c.exact for c in checks)
         log(f"Exact answers: {exact}/{len(checks)} (greedy generation equals the expected answer and stops).")
         for c in checks:
@@ -297,7 +298,7 @@ def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, dev
     if base_known is not None:
         from liandan.replay import retention
 
-        kept = retention(model, tokenizer, encoder, base_known, stops, pad_id, device.torch_device)
+        kept = retention(model, tokenizer, encoder, base_known, stop_ids, pad_id, device.torch_device)
         log(kept.summary())
         for question, reply in kept.lost:
             log(f"  ✗ forgotten: {question.question!r} → {reply.strip()[:80]!r}")

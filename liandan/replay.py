@@ -289,16 +289,22 @@ def answer_replies(model, tokenizer, encoder, questions: list[Question], stop_id
     return [tokenizer.decode(a.tokens, skip_special_tokens=True) for a in answers]
 
 
-def base_retention(model, tokenizer, encoder, model_dir: Path, stop_ids, pad_id, device) -> list[bool]:
+@dataclass
+class BaseKnowledge:
+    questions: list[Question]
+    correct: list[bool]  # per question: did the base model answer it correctly
+
+
+def base_retention(model, tokenizer, encoder, model_dir: Path, stop_ids, pad_id, device) -> BaseKnowledge:
     """Which held-out questions the base model answers correctly (cached like the replay answers)."""
     questions = read_questions(builtin(RETENTION_QUESTIONS))
     answers, _, _ = cached_answers("retention", model, encoder, model_dir, [q.question for q in questions],
                                    RETENTION_MAX_TOKENS, stop_ids, pad_id, device)
-    return [is_correct(tokenizer.decode(a.tokens, skip_special_tokens=True), q.answers)
-            for q, a in zip(questions, answers)]
+    return BaseKnowledge(questions, [is_correct(tokenizer.decode(a.tokens, skip_special_tokens=True), q.answers)
+                                     for q, a in zip(questions, answers)])
 
 
-def retention(model, tokenizer, encoder, base: list[bool], stop_ids, pad_id, device) -> Retention:
-    questions = read_questions(builtin(RETENTION_QUESTIONS))
-    replies = answer_replies(model, tokenizer, encoder, questions, stop_ids, pad_id, device)
-    return Retention(questions, base, [is_correct(r, q.answers) for r, q in zip(replies, questions)], replies)
+def retention(model, tokenizer, encoder, base: BaseKnowledge, stop_ids, pad_id, device) -> Retention:
+    replies = answer_replies(model, tokenizer, encoder, base.questions, stop_ids, pad_id, device)
+    return Retention(base.questions, base.correct, [is_correct(r, q.answers) for r, q in zip(replies, base.questions)],
+                     replies)
