@@ -16,7 +16,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from train_speed import make_data, parse_options
+from train_speed import liandan_config, make_data, parse_options
 
 # Operator name → kind of work. Order matters: the first pattern that matches wins.
 KINDS = [
@@ -50,17 +50,12 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import liandan.train as train_module
-    from liandan.config import load_config
     from liandan.lora import run
 
     work = Path(tempfile.mkdtemp())
     make_data(work / "data")
-    cfg = load_config(None, dict(
-        model=args.model, train=True, data=str(work / "data"), adapter_path=str(work / "out"), iters=args.steps,
-        batch_size=4, learning_rate=1e-4, num_layers=-1, val_batches=0, steps_per_report=10**9, steps_per_eval=10**9,
-        save_every=10**9, seed=args.seed, overwrite=True, replay_ratio=0.0,
-        lora_parameters={"rank": 8, "alpha": 16, "dropout": 0.0, "keys": ["q_proj", "v_proj"]},
-        **parse_options(args.option)))
+    cfg = liandan_config(args.model, work / "data", work / "out", args.steps, args.seed, parse_options(args.option),
+                         steps_per_report=10**9)
 
     real_train, captured = train_module.train, {}
 

@@ -76,17 +76,24 @@ def validation_loss(model, tokenizer, data_dir: Path) -> float:
     return evaluate_loss(model, valid, 4, -1, tokenizer.pad_token_id, "cpu")[0]
 
 
-def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: int = 0, options: dict | None = None) -> dict:
+def liandan_config(model_spec: str, data_dir: Path, out: Path, steps: int, seed: int, options: dict | None = None,
+                   steps_per_report: int = 1):
+    """liandan's TrainConfig for the benchmark's settings (also used by profile_train.py); options override."""
     from liandan.config import load_config
-    from liandan.lora import run
 
-    logs: list[str] = []
-    cfg = load_config(None, dict(
+    return load_config(None, dict(
         model=model_spec, train=True, data=str(data_dir), adapter_path=str(out), iters=steps, batch_size=4,
-        learning_rate=1e-4, num_layers=-1, val_batches=0, steps_per_report=1, steps_per_eval=10**9,
+        learning_rate=1e-4, num_layers=-1, val_batches=0, steps_per_report=steps_per_report, steps_per_eval=10**9,
         save_every=10**9, seed=seed, overwrite=True, replay_ratio=0.0,  # the baseline trains on the data alone
         lora_parameters={"rank": 8, "alpha": 16, "dropout": 0.0, "keys": ["q_proj", "v_proj"]}, **(options or {}),
     ))
+
+
+def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: int = 0, options: dict | None = None) -> dict:
+    from liandan.lora import run
+
+    logs: list[str] = []
+    cfg = liandan_config(model_spec, data_dir, out, steps, seed, options)
     captured = {}
 
     import liandan.train as train_module
