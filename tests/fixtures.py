@@ -162,3 +162,119 @@ def tiny_llama_calm() -> Path:
     """The same model with the usual 0.02 initialisation: smooth enough that runs which differ only in
     floating-point summation order stay together (the 0.3 one is chaotic at high learning rates)."""
     return tiny_llama(CACHE / "tiny-llama-calm", initializer_range=0.02)
+
+
+# --- Real chat templates: the ones llama.cpp keeps for its own tests, read from the llama-cpp-python sdist ---
+
+LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+TEMPLATES_IN_SDIST = "vendor/llama.cpp/models/templates/"
+# A control token as templates write them: <|im_start|>, <｜User｜>, <start_of_turn>, <|turn>, <think>, [INST].
+CONTROL_TOKEN = r"<[|｜]?[^\s<>'\"{}]{1,60}?[|｜]?>|\[/?[A-Z][A-Z_]{1,30}\]"
+
+
+def llama_cpp_sdist() -> Path:
+    """The sdist that scripts/setup.sh --test downloads (kept under tests/.cache, never in the repo)."""
+    found = sorted((CACHE / "sdist").glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        raise FileNotFoundError("the llama-cpp-python sdist is missing: run scripts/setup.sh --test")
+    return found[-1]
+
+
+def real_templates() -> dict[str, str]:
+    """{name: Jinja text} for every template under the sdist's models/templates/."""
+    import tarfile
+
+    out = {}
+    with tarfile.open(llama_cpp_sdist()) as tar:
+        for member in tar.getmembers():
+            name = member.name.split(TEMPLATES_IN_SDIST, 1)[-1]
+            if TEMPLATES_IN_SDIST in member.name and name.endswith(".jinja"):
+                out[name[: -len(".jinja")]] = tar.extractfile(member).read().decode("utf-8")
+    return dict(sorted(out.items()))
+
+
+def control_tokens(template: str, bos: str = "<s>", eos: str = "</s>") -> list[str]:
+    """Control tokens a template writes: found in probe renderings (so tokens built at render time count
+    too), never in the probe contents themselves."""
+    import re
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    probes = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+         {"role": "user", "content": "again"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "reasoning_content": "why"},
+         {"role": "user", "content": "again"}],
+        [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+    ]
+    found = set()
+    for messages in probes:
+        for generation_prompt, tools in ((True, None), (False, None), (True, []), (False, [])):
+            try:  # tool-use templates fail without a tools list; try both
+                texts, _ = render_jinja_template(conversations=[messages], chat_template=template, bos_token=bos,
+                                                 eos_token=eos, add_generation_prompt=generation_prompt, tools=tools)
+            except Exception:
+                continue
+            found.update(re.findall(CONTROL_TOKEN, texts[0]))
+    return sorted(found | {bos, eos}, key=lambda t: (len(t), t))
+
+
+def template_tokenizer(template: str, bos: str = "<s>", eos: str = "</s>", add_tokens: bool = False):
+    """The embedded SmolLM2 tokenizer speaking `template`: its unused special tokens are renamed to the
+    template's control tokens (so the embedded model's vocabulary size is unchanged). Templates with more
+    control tokens than there are spare ones need add_tokens=True (no model, tokenization only)."""
+    import json as _json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    base = smollm2_tokenizer()
+    wanted = control_tokens(template, bos, eos)
+    state = _json.loads(base.backend_tokenizer.to_str())
+    added = state["added_tokens"]
+    existing = {t["content"] for t in added}
+    spare = [t for t in added if t["content"] not in wanted]
+    missing = [t for t in wanted if t not in existing]
+    if len(missing) > len(spare) and not add_tokens:
+        raise ValueError(f"{len(missing)} control tokens, only {len(spare)} spare special tokens")
+    extra = []
+    for token in missing:
+        if spare:
+            entry = spare.pop(0)
+            vocab = state["model"]["vocab"]
+            vocab[token] = vocab.pop(entry["content"], entry["id"])
+            entry["content"] = token
+        else:
+            extra.append(token)
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_json.dumps(state)), bos_token=bos,
+                                   eos_token=eos, model_max_length=8192)
+    if extra:
+        fast.add_special_tokens({"additional_special_tokens": extra})
+    fast.add_special_tokens({"additional_special_tokens": [t for t in wanted if t not in (bos, eos)]},
+                            replace_extra_special_tokens=False)
+    fast.chat_template = template
+    return fast
+
+
+def embedded_model_with_template(name: str, template: str, bos: str, eos: str, out: Path) -> Path:
+    """A copy of the converted embedded model whose tokenizer speaks a real template (renamed specials)."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    from liandan.models import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(None))
+    tokenizer = template_tokenizer(template, bos, eos)
+    model.config.bos_token_id = tokenizer.convert_tokens_to_ids(bos)
+    model.config.eos_token_id = tokenizer.convert_tokens_to_ids(eos)
+    model.generation_config.bos_token_id = model.config.bos_token_id
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
