@@ -170,7 +170,7 @@ def adapter(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("hostile")
     write_jsonl(root / "data" / "train.jsonl", [{"prompt": "Capital of France?", "completion": "Paris"}] * 2)
     run(load_config(None, dict(model=str(tiny_llama), train=True, data=str(root / "data"), iters=2, batch_size=2,
-                               adapter_path=str(root / "adapters"), save_every=1)), log=lambda *_: None)
+                               adapter_path=str(root / "adapters"), save_every=1, replay_ratio=0)), log=lambda *_: None)
     (root / "adapters" / "notes.txt").write_text("mine")
     return root / "adapters"
 
