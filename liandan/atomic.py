@@ -8,6 +8,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from liandan.errors import LiandanError
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike):
@@ -41,11 +43,13 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike):
+def atomic_dir(target: str | os.PathLike, keep_others: bool = False):
     """Yield a temporary directory; on success it replaces `target` as a whole.
 
     An existing `target` is moved aside first and removed only after the new one is in
-    place, so at every moment either the old or the new complete directory exists.
+    place, so at every moment either the old or the new complete directory exists. With
+    `keep_others`, entries of the old directory that the new one does not have (files the
+    user kept there) are moved into the new one instead of being removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,12 +59,80 @@ def atomic_dir(target: str | os.PathLike):
         yield tmp
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # A fresh name: a fixed one could hold what an earlier interrupted swap left behind.
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:
+            if keep_others:
+                _carry_over(old, target)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    for entry in old.iterdir():
+        if not os.path.lexists(new / entry.name):
+            try:
+                os.replace(entry, new / entry.name)
+            except OSError as exc:
+                raise LiandanError(f"{new} was replaced, but moving your file {entry.name} back failed "
+                                   f"({exc.strerror}); it and the previous output are in {old}") from None
+
+
+def check_output(target: str | os.PathLike, flag: str, reads, overwrite: bool, directory: bool = False) -> None:
+    """Refuse an output path that would replace what the command reads or what the user keeps.
+
+    `reads` maps labels ("--adapter-path") to paths the command reads (a dict or (label, path) pairs). The target may not be
+    one of them or contain one; a directory target may not lie inside one either, and a file target
+    may be created inside one but not replace a file there. Without `overwrite`, an existing file or
+    non-empty directory is refused.
+    """
+    target = Path(target)
+    real = Path(os.path.realpath(target))
+    for label, source in reads.items() if isinstance(reads, dict) else reads:
+        if source is None or not os.path.lexists(source):
+            continue
+        src = Path(os.path.realpath(source))
+        how = ("is" if real == src else "contains" if real in src.parents
+               else "is inside" if src in real.parents and (directory or os.path.lexists(target)) else None)
+        if how:
+            raise LiandanError(f"{flag} {target} {how} {label} {source}, which this command reads; "
+                               "choose another path (it is never replaced, not even with --overwrite)")
+    if not os.path.lexists(target):
+        return
+    if target.is_dir() != directory:
+        kind = "a directory" if target.is_dir() else "a file"
+        raise LiandanError(f"{flag} {target} is {kind}; expected a {'directory' if directory else 'file'} path")
+    if overwrite or (directory and not any(target.iterdir())):
+        return
+    holds = ", ".join(sorted(p.name for p in target.iterdir())[:5]) if directory else None
+    raise LiandanError(f"{flag} {target} already exists" + (f" and holds {holds}" if holds else "")
+                       + "; pass --overwrite to replace it" + (" (other files there are kept)" if directory else "")
+                       + ", or choose another path")
+
+
+@contextmanager
+def removed_if_failed(directory: str | os.PathLike):
+    """Remove the directories a failed run created on the way to `directory`, if they are still empty.
+
+    Only directories that did not exist before and hold no file are removed (os.rmdir refuses the
+    others), so checkpoints a failed run did save, and anything the user put there, stay.
+    """
+    directory = Path(os.path.abspath(directory))
+    created = directory
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    existed = created.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and created.is_dir():
+            for root, _, _ in sorted(os.walk(created), key=lambda walked: -len(walked[0])):
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass
         raise

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
+from pathlib import Path
 
 from liandan import __version__
 
@@ -38,25 +40,62 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])
         return
+    sys.exit(run(_dispatch, argv))
+
+
+def _dispatch(argv: list[str]) -> int:
     _quiet_libraries()
     module = importlib.import_module(COMMANDS[argv[0]][0])
     command_parser = argparse.ArgumentParser(prog=f"liandan {argv[0]}", description=COMMANDS[argv[0]][1])
     args = module.build_parser(command_parser).parse_args(argv[1:])
-    sys.exit(run(module.main, args))
+    return module.main(args)
+
+
+# Exit codes: 0 done, 1 warnings (`data check`), 2 a problem with the input or options, 3 a bug in liandan.
+# 3 rather than Python's 1, so a crash can never pass for "warnings" in a CI job that accepts 1.
+EXIT_INPUT, EXIT_INTERNAL = 2, 3
 
 
 def run(func, args) -> int:
-    """Run a command; user errors become one line on stderr with exit code 2, never a traceback."""
+    """Run a command; user errors become one line on stderr with exit code 2, bugs one line with exit
+    code 3 and the traceback in a log file, never a traceback on the terminal."""
     from liandan.errors import LiandanError
 
     try:
         return func(args) or 0
     except LiandanError as exc:
         print(f"liandan: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     except KeyboardInterrupt:
         print("liandan: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the top-level guard: anything else is a bug in liandan
+        log = _log_traceback()
+        message = " ".join(str(exc).split())[:300]
+        print(f"liandan: internal error: {type(exc).__name__}: {message} (please report; details in {log})",
+              file=sys.stderr)
+        if os.environ.get("LIANDAN_DEBUG") == "1":
+            traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+def _log_traceback() -> str:
+    """Write the current exception's traceback to a new file under the cache (else the temp dir)."""
+    import tempfile
+    import time
+
+    from liandan.models import cache_root
+
+    text = f"liandan {__version__}, python {sys.version.split()[0]}\nargv: {sys.argv!r}\n\n{traceback.format_exc()}"
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (cache_root() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text, encoding="utf-8")
+            return str(folder / name)
+        except OSError:
+            continue
+    return "nowhere (no writable cache or temp directory; rerun with LIANDAN_DEBUG=1)"
 
 
 def _quiet_libraries() -> None:

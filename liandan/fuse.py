@@ -25,25 +25,29 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dequantize", action="store_true",
                         help="Accepted for mlx_lm compatibility: liandan always fuses into dequantized weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing --save-path / --gguf-path (other files in --save-path are kept)")
     return parser
 
 
-def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remote_code: bool = False, log=print) -> dict:
+def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remote_code: bool = False, log=print,
+         overwrite: bool = False) -> dict:
     """Merge and save; returns the rendering record used."""
     import torch
 
     from liandan.adapters import load_adapter, read_record
-    from liandan.atomic import atomic_dir
+    from liandan.atomic import atomic_dir, check_output
     from liandan.data.render import rendering_of
     from liandan.generate import stop_token_ids
     from liandan.models import Device, load_model, resolve_model
 
     adapter_path, save_path = Path(adapter_path), Path(save_path)
-    if save_path.exists() and any(save_path.iterdir()) and not (save_path / "liandan.json").is_file():
-        raise LiandanError(f"--save-path {save_path} exists and was not written by `liandan fuse`; choose another path")
+    check_output(save_path, "--save-path", {"--adapter-path": adapter_path}, overwrite, directory=True)
     record = read_record(adapter_path)
     model_spec = model_spec or record.get("base_model")
     model_dir = resolve_model(model_spec)
+    check_output(save_path, "--save-path", {"the base model": model_dir, "--model": Path(model_spec) if model_spec else None},
+                 overwrite, directory=True)
     save_dtype = _saved_dtype(model_dir)
     # Merge in fp32 so the fused weights equal base + scale * B @ A to the last bit we can keep.
     model, tokenizer = load_model(model_dir, Device("cpu", torch.float32), trust_remote_code)
@@ -59,7 +63,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
         model.to(save_dtype)
     fused_record = dict(record, base_model=str(model_spec), fused_from=str(adapter_path.resolve()),
                         rendering=rendering.to_dict())
-    with atomic_dir(save_path) as tmp:
+    with atomic_dir(save_path, keep_others=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "liandan.json").write_text(json.dumps(fused_record, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -80,9 +84,14 @@ def main(args: argparse.Namespace) -> int:
     from liandan.data.render import Rendering
     from liandan.export.gguf import export_gguf
 
+    from liandan.atomic import check_output
+
     if not Path(args.adapter_path).is_dir():
         raise LiandanError(f"--adapter-path {args.adapter_path}: not a directory")
-    record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code)
+    if args.export_gguf and args.gguf_path:
+        check_output(args.gguf_path, "--gguf-path", {"--adapter-path": Path(args.adapter_path)}, args.overwrite)
+    record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code,
+                  overwrite=args.overwrite)
     if args.export_gguf:
         rendering = Rendering.from_dict(record["rendering"])
         gguf_path = Path(args.gguf_path) if args.gguf_path else Path(args.save_path) / f"ggml-model-{args.outtype}.gguf"

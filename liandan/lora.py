@@ -6,6 +6,7 @@ Recipe, top to bottom: options → model → data (rendered once) → set-up →
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 from pathlib import Path
@@ -79,9 +80,12 @@ def main(args: argparse.Namespace) -> int:
     from liandan.dist import init_distributed, shutdown
     from liandan.train import TrainingInterrupted
 
+    from liandan.atomic import removed_if_failed
+
     dist = init_distributed()
     try:
-        return run(cfg, dist=dist)
+        with removed_if_failed(cfg.adapter_path) if cfg.train else contextlib.nullcontext():
+            return run(cfg, dist=dist)
     except RuntimeError as exc:
         if not dist.enabled:
             raise

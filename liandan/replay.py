@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from liandan.data.formats import parse_json
 from liandan.data.render import IGNORE, Encoded
 from liandan.errors import LiandanError
 
@@ -59,10 +60,7 @@ def read_prompts(path: Path) -> list[str]:
         if not line:
             continue
         if path.suffix == ".jsonl" or line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LiandanError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            value = parse_json(line.encode("utf-8"), f"{path}:{number}")  # limits, file:line errors
             text = value.get("prompt", value.get("question")) if isinstance(value, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise LiandanError(f"{path}:{number}: expected an object with a non-empty \"prompt\" string")

@@ -51,7 +51,7 @@ def test_fused_model_equals_base_plus_adapter(trained, tiny_llama):
 def test_fuse_refuses_to_replace_a_foreign_directory(trained, tmp_path):
     (tmp_path / "mine.txt").write_text("important")
     result = liandan("fuse", "--adapter-path", trained / "adapters", "--save-path", tmp_path)
-    assert result.returncode == 2 and "was not written by `liandan fuse`" in result.stderr
+    assert result.returncode == 2 and "already exists and holds mine.txt; pass --overwrite" in result.stderr
     assert (tmp_path / "mine.txt").read_text() == "important"
 
 

@@ -40,7 +40,7 @@ def encode_file(data: DataFile, encoder: Encoder, max_seq_length: int, log=print
     encoder.hand_typed.counts.clear()
     items, long_count = [], 0
     for example in data.examples:
-        enc = encoder.encode(example)
+        enc = encoder.encode(example, limit=max_seq_length)  # chats past the limit are truncated or dropped
         pieces = [enc]
         if len(enc.input_ids) > max_seq_length:
             long_count += 1

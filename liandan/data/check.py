@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import re
 import statistics
+import sys
+import time
 import unicodedata
 from array import array
 from collections import Counter
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from liandan.data.formats import FieldNames, scan_jsonl
+from liandan.data.formats import MAX_LINE_BYTES, FieldNames, scan_jsonl
+from liandan.errors import LiandanError
 
 MAX_LISTED = 20
 NEAR_DUP = 0.8  # Jaccard similarity of character 5-grams above which two questions count as the same
@@ -102,40 +105,75 @@ class MinHasher:
         return [(i, signature[i : i + rows].tobytes()) for i in range(0, len(signature), rows)]
 
 
-def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames) -> tuple[FileReport, list]:
+def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames,
+               max_line_bytes: int = MAX_LINE_BYTES) -> tuple[FileReport, list]:
     """Scan one file; returns its report and (line, question, whole-example digest) for leakage checks."""
     report = FileReport(path)
     seen: dict[bytes, int] = {}
     questions = []
     if encoder is not None:
         encoder.hand_typed.counts.clear()
-    for fmt, item in scan_jsonl(path, names):
-        if fmt is None:
-            report.error_count += 1
-            if len(report.errors) < MAX_LISTED:
-                report.errors.append(str(item))
-            continue
-        report.format = report.format or fmt
-        report.examples += 1
-        fields = [item.text] if item.text is not None else [m.get("content") or "" for m in item.messages if m.get("content") is not None]
-        if any(not f.strip() for f in fields):
-            report.empty_fields.append(item.line)
-        key = _digest(normalise(whole_of(item)))
-        if key in seen:
-            report.duplicates.append((item.line, seen[key]))
-        else:
-            seen[key] = item.line
-        questions.append((item.line, question_of(item)))
-        if encoder is not None:
-            n = len(encoder.encode(item).input_ids)
-            report.lengths.append(n)
-            report.over_length += n > max_seq_length
+    try:
+        for fmt, item in scan_jsonl(path, names, max_line_bytes, Progress(path)):
+            if fmt is None:
+                _add_error(report, str(item))
+                continue
+            report.format = report.format or fmt
+            report.examples += 1
+            try:
+                _check_example(report, item, seen, encoder, max_seq_length)
+            except LiandanError as exc:  # e.g. the chat template cannot render this example
+                _add_error(report, f"{path}:{item.line}: {exc}")
+            questions.append((item.line, question_of(item)))
+    except LiandanError as exc:  # the file cannot be read (any further): one error, the other files still checked
+        _add_error(report, str(exc))
     if encoder is not None:
         report.hand_typed = Counter(encoder.hand_typed.counts)
     if report.examples == 0 and report.error_count == 0:
-        report.error_count = 1
-        report.errors.append(f"{path}: the file is empty")
+        _add_error(report, f"{path}: the file is empty")
     return report, questions
+
+
+def _add_error(report: FileReport, message: str) -> None:
+    report.error_count += 1
+    if len(report.errors) < MAX_LISTED:
+        report.errors.append(message)
+
+
+def _check_example(report: FileReport, item, seen: dict, encoder, max_seq_length: int) -> None:
+    fields = [item.text] if item.text is not None else [m.get("content") or "" for m in item.messages if m.get("content") is not None]
+    if any(not f.strip() for f in fields):
+        report.empty_fields.append(item.line)
+    key = _digest(normalise(whole_of(item)))
+    if key in seen:
+        report.duplicates.append((item.line, seen[key]))
+    else:
+        seen[key] = item.line
+    if encoder is not None:
+        # A chat is encoded only up to the turn that crosses max_seq_length, as training truncates it there.
+        n = len(encoder.encode(item, limit=max_seq_length).input_ids)
+        report.lengths.append(n)
+        report.over_length += n > max_seq_length
+
+
+class Progress:
+    """A line on stderr every few seconds while a long file is read, so a big check never looks hung."""
+
+    EVERY = 5.0  # seconds
+
+    def __init__(self, path: Path):
+        self.path, self.size = path, None
+        self.last = time.monotonic()
+
+    def __call__(self, line: int, read: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.EVERY:
+            return
+        self.last = now
+        if self.size is None:
+            self.size = max(self.path.stat().st_size, 1)
+        print(f"liandan data check: {self.path.name}: line {line:,}, {min(read / self.size, 1):.0%} read",
+              file=sys.stderr, flush=True)
 
 
 def find_leaks(train: list, held_out: list) -> list[dict]:
@@ -183,13 +221,13 @@ def histogram(lengths: list[int], bins: int = 8, width: int = 30) -> list[str]:
             for i, c in enumerate(counts)]
 
 
-def check(target: Path, encoder, max_seq_length: int, names: FieldNames) -> dict:
+def check(target: Path, encoder, max_seq_length: int, names: FieldNames, max_line_bytes: int = MAX_LINE_BYTES) -> dict:
     """Check a data directory ({train,valid,test}.jsonl, other *.jsonl too) or one file."""
     target = Path(target)
-    files = [target] if target.is_file() else sorted(target.glob("*.jsonl"), key=lambda p: (_rank(p), p.name))
+    files = sorted(target.glob("*.jsonl"), key=lambda p: (_rank(p), p.name)) if target.is_dir() else [target]
     reports, questions = [], {}
     for path in files:
-        report, qs = check_file(path, encoder, max_seq_length, names)
+        report, qs = check_file(path, encoder, max_seq_length, names, max_line_bytes)
         reports.append(report)
         questions[path.stem] = qs
     leakage = {}
@@ -222,8 +260,9 @@ def render_report(result: dict, encoder) -> tuple[list[str], int, int]:
             lines += histogram(list(r.lengths))
             if r.over_length:
                 warnings += 1
+                counted = "" if r.format == "text" else "; a chat is counted up to the turn that crosses the limit"
                 lines.append(f"  ⚠ {r.over_length} example(s) longer than --max-seq-length {limit}: truncated in training "
-                             "(or use --long-examples split/drop)")
+                             f"(or use --long-examples split/drop){counted}")
         if r.hand_typed:
             warnings += 1
             typed = ", ".join(f"'{t}' ×{n}" for t, n in r.hand_typed.items())

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from liandan.data.formats import MAX_LINE_BYTES
 from liandan.errors import LiandanError
 
 
@@ -16,6 +17,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     c.add_argument("--model", help="Model whose chat template and tokenizer count the tokens (default: smollm2-135m)")
     c.add_argument("--max-seq-length", type=int, default=2048, help="Flag examples longer than this (default 2048)")
     c.add_argument("--json", action="store_true", help="Print the report as JSON")
+    c.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                   help="Longest line read, in bytes; a longer one is an error (default 16 MiB): bounds memory per line")
     _add_field_names(c)
     p = sub.add_parser("prepare", help="JSONL/JSON/CSV/Parquet with any field names → train/valid/test.jsonl")
     p.add_argument("inputs", nargs="+", help="Input files")
@@ -28,6 +31,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--valid-ratio", type=float, default=0.1, help="Share of examples for valid.jsonl (default 0.1)")
     p.add_argument("--test-ratio", type=float, default=0.1, help="Share of examples for test.jsonl (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random split (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="Replace train/valid/test.jsonl already in --out")
     d = sub.add_parser("from-docs", help="Markdown/text/HTML documents → text JSONL chunks that fit the context")
     d.add_argument("source", help="A directory of documents (searched recursively) or one file")
     d.add_argument("--out", required=True, help="Output data directory (train.jsonl)")
@@ -61,10 +65,12 @@ def main(args: argparse.Namespace) -> int:
         target = Path(args.target)
         if not target.exists():
             raise LiandanError(f"{target}: no such file or directory")
+        if args.max_line_bytes <= 0:
+            raise LiandanError(f"--max-line-bytes must be positive, got {args.max_line_bytes}")
         tokenizer = _tokenizer(args.model)
         encoder = Encoder(tokenizer, make_rendering(tokenizer))
         names = FieldNames(args.text_feature, args.prompt_feature, args.completion_feature, args.chat_feature)
-        result = check(target, encoder, args.max_seq_length, names)
+        result = check(target, encoder, args.max_seq_length, names, args.max_line_bytes)
         lines, errors, warnings = render_report(result, encoder)
         if args.json:
             print(json.dumps({"files": [r.to_dict() for r in result["files"]], "leakage": result["leakage"],
@@ -76,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
         from liandan.data.prepare import prepare
 
         prepare([Path(p) for p in args.inputs], Path(args.out), args.format, args.valid_ratio, args.test_ratio,
-                args.seed, prompt=args.prompt, completion=args.completion, text=args.text, system=args.system)
+                args.seed, overwrite=args.overwrite, prompt=args.prompt, completion=args.completion, text=args.text, system=args.system)
         return 0
     from liandan.data.docs import from_docs
 

@@ -13,8 +13,9 @@ import random
 import string
 from pathlib import Path
 
-from liandan.atomic import atomic_path
+from liandan.atomic import atomic_path, check_output
 from liandan.data.check import normalise
+from liandan.data.formats import MAX_LINE_BYTES, open_regular, parse_json, read_lines
 from liandan.errors import LiandanError
 
 # Field names guessed when no --prompt/--completion/--text is given (first match wins).
@@ -26,31 +27,28 @@ TEXT_NAMES = ("text", "content", "document", "body")
 def read_rows(path: Path):
     """Yield (row number, dict) from .jsonl, .json, .csv or .parquet."""
     suffix = path.suffix.lower()
-    if not path.is_file():
-        raise LiandanError(f"{path}: file not found")
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8-sig") as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        yield n, json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise LiandanError(f"{path}:{n}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        for n, raw, _ in read_lines(path):
+            if raw is None:
+                raise LiandanError(f"{path}:{n}: the line is longer than {MAX_LINE_BYTES:,} bytes")
+            raw = raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw
+            if raw.strip():
+                yield n, parse_json(raw, f"{path}:{n}")
     elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as exc:
-            raise LiandanError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        with open_regular(path) as f:
+            data = parse_json(f.read().removeprefix(b"\xef\xbb\xbf"), str(path))
         if isinstance(data, dict):
             data = next((v for v in data.values() if isinstance(v, list)), None)
         if not isinstance(data, list):
             raise LiandanError(f"{path}: expected a JSON list of objects (or an object holding one)")
         yield from enumerate(data, start=1)
     elif suffix == ".csv":
+        open_regular(path).close()
         with open(path, encoding="utf-8-sig", newline="") as f:
             for n, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
                 yield n, row
     elif suffix == ".parquet":
+        open_regular(path).close()
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -141,8 +139,14 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+SPLIT_NAMES = ("train", "valid", "test")
+
+
 def prepare(inputs: list[Path], out: Path, fmt: str, valid_ratio: float, test_ratio: float, seed: int,
-            log=print, **fields) -> dict[str, int]:
+            log=print, overwrite: bool = False, **fields) -> dict[str, int]:
+    reads = [("the input", Path(path)) for path in inputs]
+    for name in SPLIT_NAMES:  # checked before any work: an existing split is replaced only with --overwrite
+        check_output(out / f"{name}.jsonl", "--out", reads, overwrite)
     records = []
     for path in inputs:
         records += convert(Path(path), fmt, **fields)
@@ -152,6 +156,8 @@ def prepare(inputs: list[Path], out: Path, fmt: str, valid_ratio: float, test_ra
     for name, rows in splits.items():
         if rows:
             write_jsonl(out / f"{name}.jsonl", rows)
+        elif (out / f"{name}.jsonl").exists():
+            log(f"Note: {out / f'{name}.jsonl'} is from before and was left as it is (this split is empty now).")
     counts = {k: len(v) for k, v in splits.items()}
     log(f"Wrote {out}: " + ", ".join(f"{k}.jsonl {v}" for k, v in counts.items() if v)
         + (f" ({dropped} duplicate(s) removed)" if dropped else ""))

@@ -177,7 +177,10 @@ class Encoder:
             ids = ids + [eos]
         return Encoded(ids, list(ids), line)
 
-    def encode_chat(self, messages: list[dict], tools=None, line: int = 0) -> Encoded:
+    def encode_chat(self, messages: list[dict], tools=None, line: int = 0, limit: int | None = None) -> Encoded:
+        """Tokens and labels of a conversation. With `limit`, stop after the turn that takes it past
+        `limit` tokens: what follows is cut by truncation or dropped anyway, and rendering every
+        prefix of a 10,000-turn chat would take minutes (each turn renders the whole history)."""
         messages = self.prompt_messages([self._clean(m) for m in messages])
         template = self.rendering.chat_template
         stop = self.rendering.stop_tokens[0]
@@ -200,6 +203,8 @@ class Encoder:
             ids += prompt_ids + answer_ids
             labels += ([IGNORE] * len(prompt_ids) if self.mask_prompt else prompt_ids) + answer_ids
             done = prompt + answer
+            if limit is not None and len(ids) > limit:
+                break
         return Encoded(ids, labels, line)
 
     def _prefix_stable(self, messages, turns, tools) -> bool:
@@ -219,7 +224,8 @@ class Encoder:
         """The token that ends a trained example of this format: the turn end for chats, EOS for text."""
         return self.tokenizer.eos_token if fmt == "text" else self.rendering.stop_tokens[0]
 
-    def encode(self, example) -> Encoded:
+    def encode(self, example, limit: int | None = None) -> Encoded:
+        """`limit` (chats only): see encode_chat. Text is tokenized whole, as it may be split into windows."""
         if example.text is not None:
             return self.encode_text(example.text, example.line)
-        return self.encode_chat(example.messages, example.tools, example.line)
+        return self.encode_chat(example.messages, example.tools, example.line, limit)

@@ -15,25 +15,30 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--adapter-path", help="Export this LoRA adapter alone (for llama.cpp --lora / Ollama ADAPTER)")
     g.add_argument("--outfile", required=True, help="GGUF file to write")
     g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="Tensor type (default f16)")
+    g.add_argument("--overwrite", action="store_true", help="Replace an existing --outfile")
     o = sub.add_parser("ollama", help="A GGUF and a Modelfile whose TEMPLATE and stop tokens match training")
     o.add_argument("--model", required=True, help="Fused model directory (from `liandan fuse`) or any HF model directory")
     o.add_argument("--name", required=True, help="Ollama model name")
     o.add_argument("--out", default=None, help="Output directory (default: ./NAME-ollama)")
     o.add_argument("--system", default=None, help="SYSTEM prompt (default: the one used in training)")
     o.add_argument("--outtype", default="q8_0", choices=["f32", "f16", "bf16", "q8_0"], help="Tensor type (default q8_0)")
+    o.add_argument("--overwrite", action="store_true", help="Replace an existing NAME.gguf / Modelfile in --out")
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
+    from liandan.atomic import check_output
     from liandan.models import resolve_model
 
     if args.target == "gguf":
         from liandan.export.gguf import export_gguf, export_lora_gguf
 
         if args.adapter_path:
+            check_output(args.outfile, "--outfile", {"--adapter-path": Path(args.adapter_path)}, args.overwrite)
             export_lora_gguf(Path(args.adapter_path), Path(args.outfile), args.outtype)
             return 0
         model_dir = resolve_model(args.model)
+        check_output(args.outfile, "--outfile", _model_inputs(args.model, model_dir), args.overwrite)
         from liandan.adapters import read_record
         from liandan.data.render import Rendering
 
@@ -46,5 +51,15 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.name.replace("-", "").replace("_", "").replace(".", "").replace(":", "").isalnum():
         raise LiandanError(f"--name {args.name!r}: use letters, digits, '-', '_', '.' and ':' only")
-    export_ollama(resolve_model(args.model), args.name, Path(args.out or f"{args.name}-ollama"), args.system, args.outtype)
+    model_dir, out = resolve_model(args.model), Path(args.out or f"{args.name}-ollama")
+    reads = _model_inputs(args.model, model_dir)
+    check_output(out, "--out", reads, overwrite=True, directory=True)
+    for name in (f"{args.name}.gguf", "Modelfile"):
+        check_output(out / name, "--out", reads, args.overwrite)
+    export_ollama(model_dir, args.name, out, args.system, args.outtype)
     return 0
+
+
+def _model_inputs(spec: str | None, model_dir: Path) -> dict:
+    """What an export reads: the --model path as given (a .gguf file, a directory) and the resolved model directory."""
+    return {"--model": Path(spec) if spec else None, "the model": model_dir}
