@@ -1,30 +1,37 @@
-"""Generation speed: liandan's decoding loop vs. Hugging Face `generate` vs. llama.cpp on the exported GGUF.
+"""Generation speed: liandan's engines (torch, llama.cpp on each GGUF type) vs. Hugging Face `generate`
+and llama-cpp-python's own `Llama` loop.
 
-    .venv/bin/python benchmarks/generate_speed.py [--model smollm2-135m] [--tokens 128]
+    .venv/bin/python benchmarks/generate_speed.py [--model smollm2-135m] [--adapter-path DIR] [--tokens 128]
 
 Same model, same prompt, greedy, the same number of new tokens (stop tokens ignored for the
 timing). Prompt (prefill) and generation tokens per second are reported separately, as
-`liandan generate` prints them. llama.cpp runs the f32 and q8_0 GGUFs written by `liandan export gguf`
-(skipped when llama-cpp-python is not installed).
+`liandan generate` prints them. The llama.cpp rows run through liandan's engine (`--engine llama.cpp`:
+liandan's tokenization, sampling and stop handling on llama.cpp's logits) on the GGUFs it converts
+and caches; the last row is llama-cpp-python's own loop on the q8_0 file, for the engine's overhead.
+Skipped when llama-cpp-python is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 PROMPT = ("Explain in detail how a database index speeds up queries, what a B-tree is, and when an index "
           "does not help. Give examples with tables of customers and orders.")
 
 
-def bench_liandan(pipe, ids, n):
-    from liandan.generate import GenerationResult, stream
+def bench_engine(engine, ids, n):
+    """(prompt tok/s, generation tok/s) of one greedy run of exactly n tokens (stop ids ignored)."""
+    from liandan.engines import Sampling
+    from liandan.generate import GenerationResult
 
-    result = GenerationResult()
-    for _ in stream(pipe.model, ids, n, [], pipe.device.torch_device, result=result):
-        pass
+    stops, engine.pipe.stop_ids = engine.pipe.stop_ids, []
+    try:
+        list(engine.stream([ids[0]] * 4, 4, Sampling()))  # warm-up, sharing no prefix with the measured prompt
+        result = GenerationResult()
+        list(engine.stream(ids, n, Sampling(), result))
+    finally:
+        engine.pipe.stop_ids = stops
     return len(ids) / result.prompt_seconds, len(result.tokens) / result.generation_seconds
 
 
@@ -32,7 +39,7 @@ def bench_hf(pipe, ids, n):
     import torch
 
     model = pipe.model
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=pipe.device.torch_device)
     with torch.inference_mode():
         start = time.perf_counter()
         model(input_ids=x, logits_to_keep=1)
@@ -45,10 +52,10 @@ def bench_hf(pipe, ids, n):
     return len(ids) / prefill, generated / max(total - prefill, 1e-9)
 
 
-def bench_llama_cpp(gguf: Path, ids, n):
+def bench_llama_cpp_python(gguf, ids, n):
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids) + n + 8, verbose=False, n_threads=None)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids) + n + 8, verbose=False, n_threads=_cpus())
     start = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - start
@@ -59,35 +66,58 @@ def bench_llama_cpp(gguf: Path, ids, n):
     return len(ids) / prefill, n / (time.perf_counter() - start)
 
 
+def _cpus() -> int:
+    from liandan.engines.llama_engine import cpu_count
+
+    return cpu_count()
+
+
+def llama_rows(args, ids):
+    from liandan.engines import GGUF_TYPES, load_engine
+
+    rows, q8 = [], None
+    for gguf_type in GGUF_TYPES:
+        engine = load_engine("llama.cpp", args.model, args.adapter_path, gguf_type=gguf_type)
+        rows.append((f"liandan --engine llama.cpp, {gguf_type} GGUF", *bench_engine(engine, ids, args.tokens)))
+        if gguf_type == "q8_0" and not args.adapter_path:
+            from liandan.engines.gguf_cache import engine_ggufs
+
+            q8 = engine_ggufs(engine.pipe, "q8_0")[0]
+        engine.close()
+    if q8 is not None:
+        rows.append(("llama-cpp-python Llama loop, q8_0", *bench_llama_cpp_python(q8, ids, args.tokens)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default=None, help="Base model (default: the adapter's, else smollm2-135m)")
+    parser.add_argument("--adapter-path", default=None, help="Measure with this adapter applied")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--no-hf", action="store_true", help="Skip the HF generate row")
     args = parser.parse_args()
 
-    from liandan.export.gguf import export_gguf
-    from liandan.generate import load_pipeline
-    from liandan.models import resolve_model
+    from liandan.engines import load_engine
 
-    pipe = load_pipeline(args.model, None)
-    ids = pipe.encoder.prompt_ids([{"role": "user", "content": PROMPT}])
-    bench_liandan(pipe, ids, 8)  # warm-up
-    rows = [("liandan generate (PyTorch fp32)", *bench_liandan(pipe, ids, args.tokens)),
-            ("HF transformers generate (fp32)", *bench_hf(pipe, ids, args.tokens))]
+    torch_engine = load_engine("torch", args.model, args.adapter_path)
+    ids = torch_engine.pipe.encoder.prompt_ids([{"role": "user", "content": PROMPT}])
+    dtype = str(torch_engine.pipe.device.dtype).removeprefix("torch.")
+    rows = [(f"liandan --engine torch ({torch_engine.pipe.device.type} {dtype})", *bench_engine(torch_engine, ids, args.tokens))]
+    if not args.no_hf and not args.adapter_path:
+        rows.append((f"HF transformers generate ({dtype})", *bench_hf(torch_engine.pipe, ids, args.tokens)))
+    torch_engine.close()
     try:
         import llama_cpp  # noqa: F401
-
-        work = Path(tempfile.mkdtemp())
-        for outtype in ("f32", "q8_0"):
-            gguf = export_gguf(resolve_model(args.model), work / f"m-{outtype}.gguf", outtype, log=lambda *_: None)
-            rows.append((f"llama.cpp ({outtype} GGUF from liandan)", *bench_llama_cpp(gguf, ids, args.tokens)))
     except ImportError:
-        rows.append(("llama.cpp", float("nan"), float("nan")))
-    print(f"{args.model}: prompt {len(ids)} tokens, {args.tokens} new tokens, greedy\n")
-    print(f"{'system':<36}{'prompt tok/s':>14}{'gen tok/s':>12}")
-    print("-" * 62)
+        rows.append(("llama.cpp (llama-cpp-python not installed)", float("nan"), float("nan")))
+    else:
+        rows += llama_rows(args, ids)
+    print(f"{args.model or 'smollm2-135m'}{' + ' + args.adapter_path if args.adapter_path else ''}: prompt {len(ids)} "
+          f"tokens, {args.tokens} new tokens, greedy, {_cpus()} CPU threads\n")
+    print(f"{'system':<42}{'prompt tok/s':>14}{'gen tok/s':>12}{'vs torch':>10}")
+    print("-" * 78)
     for name, prompt_tps, gen_tps in rows:
-        print(f"{name:<36}{prompt_tps:>14.1f}{gen_tps:>12.1f}")
+        print(f"{name:<42}{prompt_tps:>14.1f}{gen_tps:>12.1f}{gen_tps / rows[0][2]:>9.1f}x")
 
 
 if __name__ == "__main__":

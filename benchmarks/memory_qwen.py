@@ -46,10 +46,12 @@ def build(root: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--model", default=None, help="Measure this model directory instead (gpu_check.sh's dry run)")
     args = parser.parse_args()
-    from liandan.models import cache_root
+    from liandan.models import cache_root, pick_device
 
-    model = build(cache_root() / "bench")
+    model = Path(args.model) if args.model else build(cache_root() / "bench")
+    device = pick_device()
     data = cache_root() / "bench" / "data512"
     data.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
@@ -57,8 +59,8 @@ def main() -> None:
     with open(data / "train.jsonl", "w") as f:
         for _ in range(8):  # ~600 tokens each: truncated to 512, so every sequence is full length
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(600))}) + "\n")
-    print("LoRA (mlx_lm defaults: last 16 layers, every linear layer, rank 8) on Qwen2.5-1.5B-shaped random weights,"
-          " fp32 CPU, batch 2 x 512 tokens")
+    print(f"LoRA (mlx_lm defaults: last 16 layers, every linear layer, rank 8) on {model.name} random weights,"
+          f" {str(device.dtype).removeprefix('torch.')} {device.type}, batch 2 x 512 tokens")
     print(f"{'configuration':<26}{'peak RSS GB':>12}{'s/iteration':>13}")
     for name, extra in (("no checkpointing", []), ("--grad-checkpoint", ["--grad-checkpoint"])):
         command = [sys.executable, "-m", "liandan", "lora", "--model", str(model), "--train", "--data", str(data),

@@ -13,16 +13,9 @@ HELP = "Commands: /reset (forget the conversation), /exit (or Ctrl-D)."
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", help="Base model (default: the adapter's base model, else smollm2-135m)")
-    parser.add_argument("--adapter-path", help="Adapter directory written by `liandan lora`")
-    parser.add_argument("--system-prompt", default=None, help="System prompt (default: the one used in training)")
-    parser.add_argument("--max-tokens", "-m", type=int, default=512, help="Maximum tokens per answer (default 512)")
-    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (default 0: greedy)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p")
-    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
-    return parser
+    from liandan.generate import add_inference_args
+
+    return add_inference_args(parser, max_tokens=512)
 
 
 def fit_history(encoder, history: list[dict], context: int, max_tokens: int) -> tuple[list[dict], list[int]]:
@@ -35,11 +28,12 @@ def fit_history(encoder, history: list[dict], context: int, max_tokens: int) -> 
 
 
 def main(args: argparse.Namespace) -> int:
-    from liandan.generate import TextStreamer, load_pipeline, stream
+    from liandan.engines import engine_from_args
+    from liandan.generate import TextStreamer, check_inference_args, sampling_of
 
-    pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, dtype=args.dtype,
-                         trust_remote_code=args.trust_remote_code)
-    context = int(getattr(pipe.model.config, "max_position_embeddings", 0) or 2048)
+    check_inference_args(args)
+    engine = engine_from_args(args)
+    sampling = sampling_of(args)
     interactive = sys.stdin.isatty()
     print(f"liandan chat — {HELP}", flush=True)
     history: list[dict] = []
@@ -60,14 +54,14 @@ def main(args: argparse.Namespace) -> int:
         if line.startswith("/"):
             print(HELP, flush=True)
             continue
-        history, ids = fit_history(pipe.encoder, history + [{"role": "user", "content": line}], context, args.max_tokens)
-        if len(ids) >= context:
+        history, ids = fit_history(engine.pipe.encoder, history + [{"role": "user", "content": line}], engine.context,
+                                   args.max_tokens)
+        if len(ids) >= engine.context:
             print("(this message alone is longer than the context window)", flush=True)
             history = []
             continue
-        text, answer = TextStreamer(pipe.tokenizer), ""
-        for token in stream(pipe.model, ids, args.max_tokens, pipe.stop_ids, pipe.device.torch_device, args.temp,
-                            args.top_p, 0.0, args.seed):
+        text, answer = TextStreamer(engine.pipe.tokenizer), ""
+        for token in engine.stream(ids, min(args.max_tokens, engine.context - len(ids)), sampling):
             piece = text.add(token)
             answer += piece
             print(piece, end="", flush=True)

@@ -20,9 +20,17 @@ from liandan.errors import LiandanError
 
 
 # ---------------------------------------------------------------- sampling
+# Below this temperature, sampling is greedy: dividing fp32 logits by a smaller number overflows to inf.
+MIN_TEMP = 1e-6
+
+
 def sample_next(logits: torch.Tensor, temp: float, top_p: float, min_p: float, generator) -> int:
-    """Pick the next token from 1-D logits: greedy at temp 0, else temperature + min-p + top-p."""
-    if temp <= 0:
+    """Pick the next token from 1-D logits: greedy at temp 0, else temperature + min-p + top-p.
+
+    The most likely token always survives the min-p and top-p cuts, so no combination of values
+    (a top_p of 1e-300 rounds to 0 in fp32) can leave an all-zero distribution.
+    """
+    if temp < MIN_TEMP:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temp, dim=-1)
     if min_p > 0:
@@ -30,9 +38,22 @@ def sample_next(logits: torch.Tensor, temp: float, top_p: float, min_p: float, g
     if 0 < top_p < 1:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        keep[0] = True
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    total = probs.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs / total, 1, generator=generator))
+
+
+def make_generator(temp: float, seed: int | None):
+    """The sampling PRNG (None when greedy); seeds are taken modulo 2**63, the range torch accepts."""
+    if temp < MIN_TEMP:
+        return None
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed % 2**63 if seed is not None else time.time_ns() % 2**31)
+    return generator
 
 
 @dataclass
@@ -49,10 +70,7 @@ def stream(model, prompt_ids: list[int], max_tokens: int, stop_ids, device, temp
     """Yield generated token ids one at a time (stop tokens are not yielded); fill `result` on the way."""
     result = result if result is not None else GenerationResult()
     result.prompt_tokens = len(prompt_ids)
-    generator = None
-    if temp > 0:
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+    generator = make_generator(temp, seed)
     stop_ids = set(stop_ids)
     cache_arg = _cache_arg(model)
     with torch.inference_mode():
@@ -111,7 +129,8 @@ class TextStreamer:
 # ---------------------------------------------------------------- loading
 @dataclass
 class Pipeline:
-    """A model ready for inference, with the rendering it was trained with."""
+    """A model ready for inference, with the rendering it was trained with (model is None when only
+    the rendering was loaded, for an engine that runs its own copy of the weights)."""
 
     model: object
     tokenizer: object
@@ -119,28 +138,64 @@ class Pipeline:
     stop_ids: list[int]
     device: object
     record: dict
+    model_dir: Path | None = None
+    adapter_path: Path | None = None
 
 
 def load_pipeline(model_spec: str | None, adapter_path: str | None, system_prompt: str | None = None,
                   extra_eos: list[str] | None = None, dtype: str | None = None,
-                  trust_remote_code: bool = False) -> Pipeline:
-    from liandan.adapters import load_adapter, read_record
+                  trust_remote_code: bool = False, load_weights: bool = True) -> Pipeline:
+    from liandan.adapters import RECORD, load_adapter, read_record
     from liandan.data.render import Encoder, rendering_of
-    from liandan.models import load_model, pick_device, resolve_model
+    from liandan.models import load_model, load_tokenizer, pick_device, resolve_model
 
     record = read_record(Path(adapter_path)) if adapter_path else {}
     if model_spec is None and record.get("base_model"):
         model_spec = record["base_model"]  # the adapter knows its base model
     device = pick_device(dtype)
     model_dir = resolve_model(model_spec)
-    if not adapter_path and (model_dir / "liandan.json").is_file():
+    if not adapter_path and (model_dir / RECORD).is_file():
         record = read_record(model_dir)  # a fused model keeps its training-time rendering
-    model, tokenizer = load_model(model_dir, device, trust_remote_code)
-    if adapter_path:
-        model = load_adapter(model, Path(adapter_path), record)
+    if load_weights:
+        model, tokenizer = load_model(model_dir, device, trust_remote_code)
+        if adapter_path:
+            model = load_adapter(model, Path(adapter_path), record)
+        eos_source = model
+    else:
+        model, tokenizer = None, load_tokenizer(model_dir, trust_remote_code)
+        eos_source = _generation_config_holder(model_dir)
     rendering = rendering_of(record, tokenizer, system_prompt)
     encoder = Encoder(tokenizer, rendering)
-    return Pipeline(model, tokenizer, encoder, stop_token_ids(tokenizer, model, rendering, extra_eos), device, record)
+    stops = stop_token_ids(tokenizer, eos_source, rendering, extra_eos)
+    return Pipeline(model, tokenizer, encoder, stops, device, record, model_dir,
+                    Path(adapter_path) if adapter_path else None)
+
+
+def _generation_config_holder(model_dir: Path):
+    """Something with the model's `generation_config` (for its EOS ids) without loading the weights."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    try:
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(str(model_dir)))
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS is the model's
+        return SimpleNamespace(generation_config=None)
+
+
+def context_size(pipe: Pipeline) -> int:
+    """The one context-window rule: the model's max_position_embeddings, else the tokenizer's limit, else 2048."""
+    config = getattr(pipe.model, "config", None)
+    config = config.to_dict() if config is not None else {}
+    if not config and pipe.model_dir is not None and (pipe.model_dir / "config.json").is_file():
+        import json
+
+        config = json.loads((pipe.model_dir / "config.json").read_text(encoding="utf-8"))
+    positions = config.get("text_config", config).get("max_position_embeddings")
+    if positions:
+        return int(positions)
+    limit = getattr(pipe.tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < 10**7 else 2048  # transformers uses ~1e30 for "no limit"
 
 
 def stop_token_ids(tokenizer, model, rendering, extra_eos: list[str] | None = None) -> list[int]:
@@ -181,36 +236,68 @@ def peak_memory_gb(device=None) -> float:
 
 
 # ---------------------------------------------------------------- CLI
-def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argparse.ArgumentParser:
+    """The options generate, chat and serve share: model, adapter, rendering, sampling, engine."""
+    from liandan.engines import ENGINES, GGUF_TYPES
+
     parser.add_argument("--model", help="Model directory, .gguf file, Hub id, or 'smollm2-135m' (default; "
                         "with --adapter-path, the adapter's base model)")
     parser.add_argument("--adapter-path", help="Adapter directory written by `liandan lora`")
-    parser.add_argument("--prompt", "-p", default="hello", help="Message to the model ('-' reads stdin)")
-    parser.add_argument("--max-tokens", "-m", type=int, default=100, help="Maximum number of tokens to generate")
-    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (0 = greedy)")
+    parser.add_argument("--system-prompt", default=None, help="System prompt (default: the one used in training)")
+    parser.add_argument("--max-tokens", "-m", type=int, default=max_tokens,
+                        help=f"Maximum number of tokens to generate (default {max_tokens})")
+    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (default 0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p")
     parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
     parser.add_argument("--extra-eos-token", nargs="+", default=[], help="More tokens that stop generation")
-    parser.add_argument("--system-prompt", default=None, help="System prompt (default: the one used in training)")
-    parser.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt without the chat template")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--engine", choices=ENGINES, default="torch",
+                        help="torch (default) or llama.cpp (needs `pip install 'liandan[llama]'`; the GGUFs "
+                             "are converted once and cached)")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="q8_0",
+                        help="With --engine llama.cpp: the base model's GGUF tensor type (default q8_0)")
+    parser.add_argument("--dtype", default=None, help="With --engine torch: float32, bfloat16 or float16 "
+                        "(default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
     return parser
 
 
-def main(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+def check_inference_args(args: argparse.Namespace) -> None:
+    """Refuse out-of-range sampling options before anything loads."""
     if args.max_tokens <= 0:
         raise LiandanError(f"--max-tokens must be positive, got {args.max_tokens}")
-    pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, args.extra_eos_token, args.dtype,
-                         args.trust_remote_code)
-    ids = prompt_ids_for(pipe, prompt, args.ignore_chat_template)
+    if not 0 <= args.temp <= 100:
+        raise LiandanError(f"--temp must be between 0 and 100, got {args.temp}")
+    if not 0 < args.top_p <= 1:
+        raise LiandanError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.min_p < 1:
+        raise LiandanError(f"--min-p must be in [0, 1), got {args.min_p}")
+
+
+def sampling_of(args: argparse.Namespace):
+    from liandan.engines import Sampling
+
+    return Sampling(args.temp, args.top_p, args.min_p, args.seed)
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_inference_args(parser, max_tokens=100)
+    parser.add_argument("--prompt", "-p", default="hello", help="Message to the model ('-' reads stdin)")
+    parser.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt without the chat template")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    from liandan.engines import engine_from_args
+
+    check_inference_args(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    engine = engine_from_args(args)
+    ids = prompt_ids_for(engine.pipe, prompt, args.ignore_chat_template)
     result = GenerationResult()
-    text = TextStreamer(pipe.tokenizer)
+    text = TextStreamer(engine.pipe.tokenizer)
     print("==========", flush=True)
-    for token in stream(pipe.model, ids, args.max_tokens, pipe.stop_ids, pipe.device.torch_device, args.temp,
-                        args.top_p, args.min_p, args.seed, result):
+    for token in engine.stream(ids, args.max_tokens, sampling_of(args), result):
         print(text.add(token), end="", flush=True)
     print("\n==========")
     n = len(result.tokens) + (1 if result.stopped else 0)

@@ -194,14 +194,24 @@ def pick_device(dtype: str | None = None) -> Device:
     return Device(kind, default)
 
 
-def load_model(path: Path, device: Device, trust_remote_code: bool = False):
-    """Load a causal LM and its tokenizer from a local directory, frozen and in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The tokenizer of a local model directory, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise LiandanError(f"cannot load the tokenizer of {path}: {_first_line(exc)}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, device: Device, trust_remote_code: bool = False):
+    """Load a causal LM and its tokenizer from a local directory, frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=device.dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
@@ -212,6 +222,4 @@ def load_model(path: Path, device: Device, trust_remote_code: bool = False):
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -1,117 +1,185 @@
 """`liandan serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) for a base model or an adapter.
 
-GET /v1/models, POST /v1/chat/completions, POST /v1/completions; `stream: true` sends server-sent
-events. Chats are rendered exactly as in training and stop at the trained stop token.
+GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET /health; `stream: true` sends
+server-sent events. Chats are rendered exactly as in training and stop at the trained stop token.
 
-One generation runs at a time and the others queue: on a CPU or a single GPU, decoding two
-requests at once only splits the same compute between them, and one model instance cannot hold
-two KV caches in one forward pass without batching code this server does not need. A client
-that disconnects mid-stream stops its generation and frees the slot.
+The engine runs `engine.slots` generations at once (torch: 1, llama.cpp: --parallel); up to
+--max-queue more wait their turn, and beyond that a request is answered 429 with Retry-After at
+once instead of piling up. Each generation runs in its own thread and checks after every token
+whether its client is gone, so a dropped stream frees its slot within one token.
+
+Limits are checked before any work: the API key (constant-time) before the body is read, the body
+size from Content-Length, max_tokens, sampling ranges. Every error is an OpenAI-style JSON body;
+an unexpected one is a 500 with an id that is also in the server log, and the server keeps serving.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the request models' annotations at
-# run time, and they are defined inside create_app.
+# run time, and they are defined inside request_models().
 import argparse
 import asyncio
+import ctypes
+import gc
+import hmac
 import json
-import queue
+import logging
+import math
 import threading
 import time
 import uuid
+from contextlib import closing
 from typing import Literal
 
 from liandan.errors import LiandanError
 
+log = logging.getLogger("liandan.serve")
+TRIM_AFTER_BYTES = 256 * 1024  # after a request body this large, hand freed memory back to the OS
+
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", help="Base model (default: the adapter's base model, else smollm2-135m)")
-    parser.add_argument("--adapter-path", help="Adapter directory written by `liandan lora`")
+    from liandan.generate import add_inference_args
+
+    add_inference_args(parser, max_tokens=512)
     parser.add_argument("--host", default="127.0.0.1", help="Address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8080, help="Port (default 8080)")
     parser.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every request")
     parser.add_argument("--model-name", default=None, help="Model id clients use (default: derived from the paths)")
-    parser.add_argument("--system-prompt", default=None, help="System prompt (default: the one used in training)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens (default 512)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
+    parser.add_argument("--parallel", type=int, default=4,
+                        help="With --engine llama.cpp: generations that run at once (default 4)")
+    parser.add_argument("--max-queue", type=int, default=32,
+                        help="Requests that may wait for a slot; more get 429 with Retry-After (default 32)")
+    parser.add_argument("--max-tokens-limit", type=int, default=4096,
+                        help="Largest max_tokens a request may ask for (default 4096)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="Largest request body in bytes (default 1048576)")
     return parser
 
 
-class Engine:
-    """The model plus a lock: generations are serialised, callers wait their turn."""
+# ---------------------------------------------------------------- admission and generation
+class Admission:
+    """Requests running plus waiting, bounded by slots + max_queue."""
 
-    def __init__(self, pipe, name: str, default_max_tokens: int):
-        self.pipe = pipe
-        self.name = name
-        self.default_max_tokens = default_max_tokens
+    def __init__(self, slots: int, max_queue: int):
+        self.slots, self.limit = slots, slots + max_queue
+        self.active = 0
+        self.seconds = 1.0  # moving average of a request's duration, for Retry-After
         self.lock = threading.Lock()
-        config = getattr(pipe.model, "config", None)
-        self.context = int(getattr(config, "max_position_embeddings", 0) or pipe.tokenizer.model_max_length or 2048)
 
-    def start(self, prompt_ids, max_tokens, temperature, top_p, seed, stop, cancelled: threading.Event) -> queue.Queue:
-        """Queue a generation; its text pieces, then a dict with the finish reason and counts, arrive on the queue.
-
-        A worker thread owns the model for the whole generation and checks `cancelled` after every
-        token, so a vanished client costs at most one more token.
-        """
-        out: queue.Queue = queue.Queue()
-
-        def work():
-            try:
-                for item in self._generate(prompt_ids, max_tokens, temperature, top_p, seed, stop, cancelled):
-                    out.put(item)
-            except Exception as exc:  # reported to the client as a 500, the server keeps serving
-                out.put(exc)
-            finally:
-                out.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        return out
-
-    def _generate(self, prompt_ids, max_tokens, temperature, top_p, seed, stop, cancelled):
-        from liandan.generate import GenerationResult, TextStreamer, stream
-
-        result = GenerationResult()
-        streamer = TextStreamer(self.pipe.tokenizer)
-        text, sent, finish = "", 0, "length"
-        hold = max((len(s) for s in stop), default=1) - 1  # text that could still become a stop string
+    def enter(self) -> bool:
         with self.lock:
+            if self.active >= self.limit:
+                return False
+            self.active += 1
+            return True
+
+    def leave(self, seconds: float) -> None:
+        with self.lock:
+            self.active -= 1
+            self.seconds = 0.8 * self.seconds + 0.2 * seconds
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely free: the queue ahead, drained `slots` at a time."""
+        waiting = max(self.active - self.slots + 1, 1)
+        return max(1, min(60, math.ceil(self.seconds * waiting / self.slots)))
+
+
+def text_pieces(engine, prompt_ids, max_tokens, sampling, stop: list[str], cancelled: threading.Event):
+    """Text increments of one generation, cut at the first stop string, then a dict with the finish
+    reason and token counts. Returns early (closing the engine's stream) once `cancelled` is set."""
+    from liandan.generate import GenerationResult, TextStreamer
+
+    result = GenerationResult()
+    streamer = TextStreamer(engine.pipe.tokenizer)
+    text, sent, finish = "", 0, "length"
+    hold = max((len(s) for s in stop), default=1) - 1  # text that could still become a stop string
+    with closing(engine.stream(prompt_ids, max_tokens, sampling, result)) as tokens:
+        for token in tokens:
             if cancelled.is_set():
                 return
-            for token in stream(self.pipe.model, prompt_ids, max_tokens, self.pipe.stop_ids,
-                                self.pipe.device.torch_device, temperature, top_p, 0.0, seed, result):
-                if cancelled.is_set():
-                    return
-                text += streamer.add(token)
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
-                if len(text) - hold > sent:
-                    yield text[sent : len(text) - hold]
-                    sent = len(text) - hold
-            else:
-                finish = "stop" if result.stopped else "length"
-        if len(text) > sent:
-            yield text[sent:]
-        yield {"finish_reason": finish, "prompt_tokens": len(prompt_ids), "completion_tokens": len(result.tokens)}
+            text += streamer.add(token)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            if len(text) - hold > sent:
+                yield text[sent : len(text) - hold]
+                sent = len(text) - hold
+        else:
+            finish = "stop" if result.stopped else "length"
+    if len(text) > sent:
+        yield text[sent:]
+    yield {"finish_reason": finish, "prompt_tokens": len(prompt_ids), "completion_tokens": len(result.tokens)}
 
 
-def drain(out: queue.Queue):
-    """Items of a generation queue until its end marker (blocking)."""
-    while True:
-        item = out.get()
-        if item is None:
-            return
-        if isinstance(item, Exception):
-            raise item
-        yield item
+def start_generation(admission: Admission, job: dict, cancelled: threading.Event, emit) -> None:
+    """Run text_pieces in a thread; `emit` gets each piece, an exception if one is raised, then None.
+    The admitted place is given back when the thread ends."""
+
+    def work():
+        started = time.perf_counter()
+        try:
+            for item in text_pieces(cancelled=cancelled, **job):
+                emit(item)
+        except Exception as exc:  # reported to the client as a 500; the server keeps serving
+            emit(exc)
+        finally:
+            admission.leave(time.perf_counter() - started)
+            emit(None)
+
+    threading.Thread(target=work, daemon=True).start()
 
 
-def create_app(engine: Engine, api_key: str | None = None):
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+def release_memory() -> None:
+    """Give freed memory back to the OS after a large request: Python's and glibc's allocators
+    otherwise keep their high-water mark for the life of the process."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- HTTP
+class Guard:
+    """ASGI middleware in front of everything (the docs and schema too): the API key, compared in
+    constant time before any of the body is read, then the body size from Content-Length."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.max_body = app, max_body
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.expected and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            return await _send_error(send, 401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key")
+        length = headers.get(b"content-length", b"")
+        if scope["method"] in ("POST", "PUT", "PATCH") and not length.isdigit():
+            return await _send_error(send, 411, "a request body needs a Content-Length header", "length_required")
+        if length.isdigit() and int(length) > self.max_body:
+            return await _send_error(send, 413, f"the request body has {int(length)} bytes; this server takes at "
+                                     f"most {self.max_body} (--max-body-bytes)", "request_too_large")
+        await self.app(scope, receive, send)
+        if length.isdigit() and int(length) > TRIM_AFTER_BYTES:
+            await asyncio.to_thread(release_memory)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+async def _send_error(send, status: int, message: str, code: str) -> None:
+    body = json.dumps(error_body(message, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def request_models(max_tokens_limit: int):
     from pydantic import BaseModel, ConfigDict, Field
 
     class ChatMessage(BaseModel):
@@ -121,12 +189,13 @@ def create_app(engine: Engine, api_key: str | None = None):
     class Sampling(BaseModel):
         model_config = ConfigDict(extra="allow")
         model: str
-        max_tokens: int | None = Field(default=None, ge=1)
-        max_completion_tokens: int | None = Field(default=None, ge=1)
-        temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-        top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-        stop: str | list[str] | None = None
-        seed: int | None = None
+        max_tokens: int | None = Field(default=None, ge=1, le=max_tokens_limit)
+        max_completion_tokens: int | None = Field(default=None, ge=1, le=max_tokens_limit)
+        temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+        top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+        min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
+        stop: str | list[str] | None = Field(default=None, max_length=16)
+        seed: int | None = None  # any integer: taken modulo 2**63
         stream: bool = False
         n: int = Field(default=1, ge=1, le=1)
 
@@ -136,118 +205,194 @@ def create_app(engine: Engine, api_key: str | None = None):
     class CompletionRequest(Sampling):
         prompt: str
 
-    class APIError(Exception):
-        def __init__(self, status: int, message: str, kind: str, code: str | None = None):
-            self.status, self.message, self.kind, self.code = status, message, kind, code
+    return ChatRequest, CompletionRequest
 
-    app = FastAPI(title="liandan", description="OpenAI-compatible API for a fine-tuned model", version="1")
 
-    def error(status, message, kind, code=None):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
+        self.status, self.message, self.code, self.headers = status, message, code, headers
+
+
+def install_error_handlers(app) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(APIError)
     async def on_api_error(request, exc: APIError):
-        return error(exc.status, exc.message, exc.kind, exc.code)
+        return JSONResponse(error_body(exc.message, code=exc.code), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", "invalid_request_error")
+        return JSONResponse(error_body(f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}"),
+                            status_code=400)
 
-    def authorised(request: Request):
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_request_error",
-                           "invalid_api_key")
+    @app.exception_handler(LiandanError)
+    async def on_input_problem(request, exc: LiandanError):  # e.g. a chat template that refuses the messages
+        return JSONResponse(error_body(str(exc)), status_code=400)
 
-    def check(req: Sampling, prompt_ids: list[int]) -> int:
-        if req.model != engine.name:
-            raise APIError(404, f"model '{req.model}' does not exist; this server has '{engine.name}'",
-                           "invalid_request_error", "model_not_found")
-        room = engine.context - len(prompt_ids)
+    @app.exception_handler(Exception)
+    async def on_unexpected(request, exc: Exception):
+        return JSONResponse(internal_error(exc), status_code=500)
+
+
+def internal_error(exc: BaseException) -> dict:
+    """An OpenAI-style body for an unexpected error; the traceback goes to the log under the same id."""
+    error_id = f"err-{uuid.uuid4().hex[:16]}"
+    log.error("%s: %s: %s", error_id, type(exc).__name__, exc, exc_info=exc)
+    return error_body(f"internal error {error_id}: {type(exc).__name__}; details are in the server log",
+                      "server_error", "internal_error")
+
+
+class Service:
+    """What one request needs: the engine, the admission counter and the defaults from the command line."""
+
+    def __init__(self, engine, name: str, args):
+        self.engine, self.name, self.args = engine, name, args
+        self.admission = Admission(engine.slots, args.max_queue)
+
+    def check(self, req, prompt_ids: list[int]) -> int:
+        room = self.engine.context - len(prompt_ids)
         if room < 1:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is {engine.context}",
-                           "invalid_request_error", "context_length_exceeded")
-        return min(req.max_completion_tokens or req.max_tokens or engine.default_max_tokens, room)
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                           f"{self.engine.context}", "context_length_exceeded")
+        return min(req.max_completion_tokens or req.max_tokens or self.args.max_tokens, room)
 
-    def respond(req: Sampling, prompt_ids, max_tokens, kind: str):
+    def job(self, req, prompt_ids: list[int]) -> dict:
+        from liandan.engines import Sampling
+
+        args = self.args
+        sampling = Sampling(args.temp if req.temperature is None else req.temperature,
+                            args.top_p if req.top_p is None else req.top_p,
+                            args.min_p if req.min_p is None else req.min_p,
+                            args.seed if req.seed is None else req.seed)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        cancelled = threading.Event()
-        out = engine.start(prompt_ids, max_tokens, req.temperature, req.top_p, req.seed, stop, cancelled)
-        obj = "chat.completion" if kind == "chat" else "text_completion"
+        return dict(engine=self.engine, prompt_ids=prompt_ids, max_tokens=self.check(req, prompt_ids),
+                    sampling=sampling, stop=[s for s in stop if s])  # an empty stop string would end every answer
 
-        def usage(info):
-            return {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
-                    "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
+    def admit(self) -> None:
+        if not self.admission.enter():
+            retry = self.admission.retry_after()
+            raise APIError(429, f"the server is busy ({self.admission.limit} requests running or waiting); "
+                           f"retry in {retry} s", "rate_limit_exceeded", {"Retry-After": str(retry)})
 
-        def choice(text, finish, delta: bool):
-            if kind == "chat":
-                body = {"delta": text} if delta else {"message": {"role": "assistant", "content": text}}
+
+async def answer(service: Service, req, encode, kind: str):
+    """Admit, render, generate; a whole response or a stream of server-sent events."""
+    from fastapi.responses import StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+
+    if req.model != service.name:
+        raise APIError(404, f"model '{req.model}' does not exist; this server has '{service.name}'", "model_not_found")
+    service.admit()
+    loop, items, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+    try:
+        job = service.job(req, await run_in_threadpool(encode))
+    except BaseException:
+        service.admission.leave(0.0)
+        raise
+    start_generation(service.admission, job, cancelled,
+                     lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+    reply = Reply(service.name, kind, len(job["prompt_ids"]))
+    if req.stream:
+        return StreamingResponse(reply.events(items, cancelled), media_type="text/event-stream")
+    try:
+        return await reply.whole(items)
+    finally:
+        cancelled.set()
+
+
+class Reply:
+    """The OpenAI response objects for one request (chat.completion or text_completion)."""
+
+    def __init__(self, model: str, kind: str, prompt_tokens: int):
+        self.model, self.kind, self.prompt_tokens = model, kind, prompt_tokens
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def choice(self, text, finish, delta: bool) -> dict:
+        if self.kind == "chat":
+            body = {"delta": text} if delta else {"message": {"role": "assistant", "content": text}}
+        else:
+            body = {"text": text, "logprobs": None}
+        return {"index": 0, **body, "finish_reason": finish}
+
+    def envelope(self, obj: str, choice: dict, info: dict | None = None) -> dict:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        if info is not None:
+            total = info["prompt_tokens"] + info["completion_tokens"]
+            out["usage"] = {"prompt_tokens": info["prompt_tokens"], "completion_tokens": info["completion_tokens"],
+                            "total_tokens": total}
+        return out
+
+    async def whole(self, items: asyncio.Queue) -> dict:
+        text, info = "", {}
+        while (item := await items.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, dict):
+                info = item
             else:
-                body = {"text": text, "logprobs": None}
-            return {"index": 0, **body, "finish_reason": finish}
+                text += item
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return self.envelope(obj, self.choice(text, info["finish_reason"], False), info)
 
-        if not req.stream:
-            text, info = "", {}
-            for piece in drain(out):
-                if isinstance(piece, dict):
-                    info = piece
+    async def events(self, items: asyncio.Queue, cancelled: threading.Event):
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        try:
+            if self.kind == "chat":
+                yield _sse(self.envelope(obj, self.choice({"role": "assistant", "content": ""}, None, True)))
+            while (item := await items.get()) is not None:
+                if isinstance(item, Exception):
+                    yield _sse(internal_error(item))
+                    break
+                if isinstance(item, dict):
+                    yield _sse(self.envelope(obj, self.choice({} if self.kind == "chat" else "", item["finish_reason"],
+                                                              True), item))
                 else:
-                    text += piece
-            return {"id": rid, "object": obj, "created": created, "model": engine.name,
-                    "choices": [choice(text, info["finish_reason"], False)], "usage": usage(info)}
+                    yield _sse(self.envelope(obj, self.choice({"content": item} if self.kind == "chat" else item,
+                                                              None, True)))
+            yield "data: [DONE]\n\n"
+        finally:
+            cancelled.set()  # the client went away (or we finished): the generation thread stops at its next token
 
-        chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        async def events():
-            loop = asyncio.get_running_loop()
-            try:
-                if kind == "chat":
-                    first = {"id": rid, "object": chunk_obj, "created": created, "model": engine.name,
-                             "choices": [choice({"role": "assistant", "content": ""}, None, True)]}
-                    yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n"
-                while True:
-                    piece = await loop.run_in_executor(None, out.get)
-                    if piece is None:
-                        break
-                    if isinstance(piece, Exception):
-                        raise piece
-                    if isinstance(piece, dict):
-                        last = {"id": rid, "object": chunk_obj, "created": created, "model": engine.name,
-                                "choices": [choice({} if kind == "chat" else "", piece["finish_reason"], True)],
-                                "usage": usage(piece)}
-                        yield f"data: {json.dumps(last, ensure_ascii=False)}\n\n"
-                    else:
-                        delta = {"content": piece} if kind == "chat" else piece
-                        chunk = {"id": rid, "object": chunk_obj, "created": created, "model": engine.name,
-                                 "choices": [choice(delta, None, True)]}
-                        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                cancelled.set()  # the client went away (or we finished): free the model for the next request
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.get("/v1/models", dependencies=[Depends(authorised)])
-    def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "liandan"}]}
+def create_app(engine, name: str, args):
+    """The ASGI application: FastAPI routes behind the Guard."""
+    from fastapi import FastAPI
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorised)])
-    def chat_completions(req: ChatRequest):
+    service = Service(engine, name, args)
+    ChatRequest, CompletionRequest = request_models(args.max_tokens_limit)
+    app = FastAPI(title="liandan", description="OpenAI-compatible API for a fine-tuned model", version="1")
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "engine": engine.kind, "slots": engine.slots,
+                "active": service.admission.active, "limit": service.admission.limit}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "liandan"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
         messages = [{"role": m.role, "content": m.content or ""} for m in req.messages]
         if messages[-1]["role"] == "assistant":
-            raise APIError(400, "the last message must not be the assistant's", "invalid_request_error")
-        prompt_ids = engine.pipe.encoder.prompt_ids(messages)
-        return respond(req, prompt_ids, check(req, prompt_ids), "chat")
+            raise APIError(400, "the last message must not be the assistant's")
+        return await answer(service, req, lambda: engine.pipe.encoder.prompt_ids(messages), "chat")
 
-    @app.post("/v1/completions", dependencies=[Depends(authorised)])
-    def completions(req: CompletionRequest):
-        prompt_ids = engine.pipe.tokenizer(req.prompt, add_special_tokens=True)["input_ids"]
-        return respond(req, prompt_ids, check(req, prompt_ids), "completion")
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await answer(service, req, lambda: engine.pipe.tokenizer(req.prompt, add_special_tokens=True)["input_ids"],
+                            "completion")
 
-    return app
+    return Guard(app, args.api_key, args.max_body_bytes)
 
 
 def model_name(args) -> str:
@@ -260,20 +405,34 @@ def model_name(args) -> str:
     return Path(args.model).name if args.model else "smollm2-135m"
 
 
+def check_serve_args(args: argparse.Namespace) -> None:
+    from liandan.generate import check_inference_args
+
+    check_inference_args(args)
+    for flag, value, low in (("--parallel", args.parallel, 1), ("--max-queue", args.max_queue, 0),
+                             ("--max-tokens-limit", args.max_tokens_limit, 1), ("--max-body-bytes", args.max_body_bytes, 1)):
+        if value < low:
+            raise LiandanError(f"{flag} must be at least {low}, got {value}")
+
+
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from liandan.generate import load_pipeline
+    from liandan.engines import engine_from_args
 
+    check_serve_args(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Warning: binding to {args.host} makes the server reachable from other machines"
               + ("" if args.api_key else "; consider --api-key"))
-    pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, dtype=args.dtype,
-                         trust_remote_code=args.trust_remote_code)
-    engine = Engine(pipe, model_name(args), args.max_tokens)
-    print(f"Serving '{engine.name}' on http://{args.host}:{args.port}/v1 (OpenAPI schema: /openapi.json)", flush=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = engine_from_args(args, slots=args.parallel if args.engine == "llama.cpp" else 1)
+    name = model_name(args)
+    print(f"Serving '{name}' ({engine.kind}, {engine.slots} slot{'s' * (engine.slots > 1)}) on "
+          f"http://{args.host}:{args.port}/v1 (OpenAPI schema: /openapi.json)", flush=True)
     try:
-        uvicorn.run(create_app(engine, args.api_key), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(engine, name, args), host=args.host, port=args.port, log_level="warning")
     except OSError as exc:
         raise LiandanError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    finally:
+        engine.close()
     return 0

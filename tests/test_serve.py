@@ -21,16 +21,23 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args):
+    """A real `liandan serve` process on a free loopback port; its output goes to a file (a pipe nobody
+    reads would block the server once full)."""
+
+    def __init__(self, *args, prelude: str | None = None):
+        """`prelude`: Python run in the server process before `liandan serve` starts (to inject faults)."""
+        import tempfile
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "liandan", "serve", "--port", str(self.port), *map(str, args)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        deadline = time.time() + 120
+        self.output = tempfile.NamedTemporaryFile(prefix="liandan-serve-", suffix=".log", delete=False)
+        launcher = ["-c", f"{prelude}\nfrom liandan.cli import main\nmain()"] if prelude else ["-m", "liandan"]
+        self.proc = subprocess.Popen([sys.executable, *launcher, "serve", "--port", str(self.port), *map(str, args)],
+                                     stdout=self.output, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        deadline = time.time() + 300
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(self.proc.stdout.read())
+                raise RuntimeError(self.log())
             try:
                 httpx.get(self.url + "/openapi.json", timeout=1)
                 return
@@ -41,9 +48,18 @@ class Server:
     def client(self, key="none"):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
+    def log(self) -> str:
+        with open(self.output.name, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        os.unlink(self.output.name)
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +118,11 @@ def test_stop_sequences_and_sampling_seed(server):
         client.chat.completions.create(**kwargs).choices[0].message.content
 
 
-def test_sixteen_concurrent_clients_get_their_own_answers(server):
-    client = server.client()
-    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(15)] + ["Capital of France?"]
-    expected = [client.chat.completions.create(model="paris", messages=[{"role": "user", "content": p}],
-                                               max_tokens=8).choices[0].message.content for p in prompts]
+PROMPTS = [f"Question {i}: what is {i} plus {i}?" for i in range(15)] + ["Capital of France?"]
+
+
+def ask_all_at_once(server, prompts, max_tokens=8):
+    """Each prompt from its own openai client, all at once; every other one streamed."""
     got = [None] * len(prompts)
 
     def ask(i):
@@ -114,17 +130,43 @@ def test_sixteen_concurrent_clients_get_their_own_answers(server):
         messages = [{"role": "user", "content": prompts[i]}]
         if i % 2:
             got[i] = "".join(ch.choices[0].delta.content or "" for ch in
-                             c.chat.completions.create(model="paris", messages=messages, max_tokens=8, stream=True)
+                             c.chat.completions.create(model="paris", messages=messages, max_tokens=max_tokens, stream=True)
                              if ch.choices)
         else:
-            got[i] = c.chat.completions.create(model="paris", messages=messages, max_tokens=8).choices[0].message.content
+            got[i] = c.chat.completions.create(model="paris", messages=messages,
+                                               max_tokens=max_tokens).choices[0].message.content
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
+    return got
+
+
+def one_by_one(server, prompts, max_tokens=8):
+    client = server.client()
+    return [client.chat.completions.create(model="paris", messages=[{"role": "user", "content": p}],
+                                           max_tokens=max_tokens).choices[0].message.content for p in prompts]
+
+
+def test_sixteen_concurrent_clients_get_their_own_answers(server):
+    expected = one_by_one(server, PROMPTS)
+    got = ask_all_at_once(server, PROMPTS)
     assert got == expected and got[-1] == "Paris is the capital."
+
+
+def test_llama_cpp_server_runs_concurrent_clients_with_the_torch_answers(server, adapter):
+    pytest.importorskip("llama_cpp")
+    expected = one_by_one(server, PROMPTS)
+    llama = Server("--adapter-path", adapter, "--engine", "llama.cpp", "--gguf-type", "f32", "--parallel", "4")
+    try:
+        health = httpx.get(llama.url + "/health").json()
+        assert health["engine"] == "llama.cpp" and health["slots"] == 4
+        assert ask_all_at_once(llama, PROMPTS) == expected
+        assert one_by_one(llama, PROMPTS[-1:]) == ["Paris is the capital."]
+    finally:
+        llama.stop()
 
 
 def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server):

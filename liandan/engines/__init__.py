@@ -1,0 +1,76 @@
+"""Inference engines behind one interface: prompt token ids + sampling + stop ids → a stream of token ids.
+
+generate, chat and serve render prompts with liandan's own Encoder (the rendering recorded at
+training time) and hand the token ids to an engine, so every engine sees the same tokens and stops
+at the same trained stop tokens; only the arithmetic differs.
+
+* torch: the PyTorch model (+ PEFT adapter), one generation at a time;
+* llama.cpp: the base model's GGUF + the adapter's LoRA GGUF (or a fused GGUF for DoRA and full
+  fine-tunes), converted once and cached; `slots` contexts generate concurrently.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Iterator
+
+from liandan.errors import LiandanError
+
+ENGINES = ("torch", "llama.cpp")
+GGUF_TYPES = ("f32", "f16", "q8_0")
+LLAMA_INSTALL = "pip install 'liandan[llama]'"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temp: float = 0.0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+
+
+class Engine:
+    """A loaded model that turns prompt ids into generated ids. `pipe` holds the tokenizer, the
+    encoder (training-time rendering), the stop ids and the record; `slots` generations may run at once."""
+
+    kind = "base"
+    slots = 1
+
+    def __init__(self, pipe):
+        from liandan.generate import context_size
+
+        self.pipe = pipe
+        self.context = context_size(pipe)
+
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, result=None) -> Iterator[int]:
+        """Yield generated ids (stop tokens are not yielded); fill `result` (a GenerationResult) on the way.
+        Closing the iterator early stops the generation and frees its slot."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def load_engine(kind: str, model: str | None, adapter_path: str | None, system_prompt: str | None = None,
+                extra_eos: list[str] | None = None, dtype: str | None = None, trust_remote_code: bool = False,
+                gguf_type: str = "q8_0", slots: int = 1) -> Engine:
+    from liandan.generate import load_pipeline
+
+    if kind not in ENGINES:
+        raise LiandanError(f"--engine {kind}: expected one of {', '.join(ENGINES)}")
+    if kind == "llama.cpp":
+        from liandan.engines.llama_engine import LlamaEngine, require_llama_cpp
+
+        require_llama_cpp()  # before anything slow loads
+        pipe = load_pipeline(model, adapter_path, system_prompt, extra_eos, None, trust_remote_code, load_weights=False)
+        return LlamaEngine(pipe, gguf_type, slots)
+    from liandan.engines.torch_engine import TorchEngine
+
+    return TorchEngine(load_pipeline(model, adapter_path, system_prompt, extra_eos, dtype, trust_remote_code))
+
+
+def engine_from_args(args: argparse.Namespace, slots: int = 1) -> Engine:
+    """The engine `add_inference_args`' options describe."""
+    return load_engine(args.engine, args.model, args.adapter_path, args.system_prompt, args.extra_eos_token,
+                       args.dtype, args.trust_remote_code, args.gguf_type, slots)

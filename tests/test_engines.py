@@ -1,0 +1,149 @@
+"""Inference engines: torch and llama.cpp give the same greedy tokens; the GGUF cache; sampling that cannot NaN."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import liandan, write_jsonl
+
+from liandan.errors import LiandanError
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed (scripts/setup.sh --test installs it)")
+    return llama_cpp
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory, tiny_llama):
+    """A LoRA adapter on every layer of the tiny model, trained until it changes the greedy answers."""
+    from liandan.config import load_config
+    from liandan.lora import run
+
+    root = tmp_path_factory.mktemp("engines")
+    write_jsonl(root / "data" / "train.jsonl", [{"prompt": "Capital of France?", "completion": "Paris is the capital."}] * 2)
+    run(load_config(None, dict(model=str(tiny_llama), train=True, data=str(root / "data"), iters=30, batch_size=2,
+                               learning_rate=1e-2, num_layers=-1, replay_ratio=0, adapter_path=str(root / "lora"))),
+        log=lambda *_: None)
+    return root / "lora"
+
+
+PROMPTS = ["Capital of France?", "Tell me a long story about rivers", "What is 2 plus 2?"]
+
+
+def _greedy(engine, prompt, n=24):
+    from liandan.engines import Sampling
+    from liandan.generate import GenerationResult, prompt_ids_for
+
+    result = GenerationResult()
+    list(engine.stream(prompt_ids_for(engine.pipe, prompt), n, Sampling(), result))
+    return result.tokens, result.stopped
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_llama_cpp_greedy_tokens_equal_torch(tiny_llama, lora_adapter, with_adapter):
+    _llama_cpp()
+    from liandan.engines import load_engine
+
+    adapter = str(lora_adapter) if with_adapter else None
+    model = None if with_adapter else str(tiny_llama)
+    torch_engine = load_engine("torch", model, adapter)
+    expected = [_greedy(torch_engine, p) for p in PROMPTS]
+    llama = load_engine("llama.cpp", model, adapter, gguf_type="f32")
+    try:
+        assert [_greedy(llama, p) for p in PROMPTS] == expected
+        assert _greedy(llama, PROMPTS[0]) == expected[0]  # again, through the reused KV-cache prefix
+    finally:
+        llama.close()
+    if with_adapter:
+        assert expected[0][1] and torch_engine.pipe.tokenizer.decode(expected[0][0]) == "Paris is the capital."
+
+
+def test_gguf_cache_key_follows_adapter_content_and_rebuilds_corrupt_files(tiny_llama, lora_adapter, tmp_path):
+    _llama_cpp()
+    import shutil
+
+    from liandan.engines import load_engine
+    from liandan.engines.gguf_cache import content_hash, engine_ggufs, readable_gguf
+
+    adapter = tmp_path / "copy"
+    shutil.copytree(lora_adapter, adapter)
+    llama = load_engine("llama.cpp", None, str(adapter), gguf_type="f32")
+    base, lora = engine_ggufs(llama.pipe, "f32")
+    expected = _greedy(llama, PROMPTS[0])
+    llama.close()
+    assert content_hash(adapter) in lora.name and readable_gguf(base) and readable_gguf(lora)
+    # A damaged cache (a truncated base, garbage for the adapter) is rebuilt on the next load, with the same answers.
+    base.write_bytes(base.read_bytes()[: base.stat().st_size // 2])
+    lora.write_bytes(b"GGUF" + b"\0" * 64)
+    assert not readable_gguf(base) and not readable_gguf(lora)
+    llama = load_engine("llama.cpp", None, str(adapter), gguf_type="f32")
+    try:
+        assert _greedy(llama, PROMPTS[0]) == expected and readable_gguf(base) and readable_gguf(lora)
+    finally:
+        llama.close()
+    # New weights in the same directory: a new key, not the stale file.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v * 0.5 for k, v in weights.items()}, str(adapter / "adapter_model.safetensors"))
+    assert content_hash(adapter) not in lora.name
+
+
+def test_generate_and_chat_cli_with_llama_cpp(lora_adapter):
+    _llama_cpp()
+    gen = liandan("generate", "--engine", "llama.cpp", "--adapter-path", lora_adapter, "-p", "Capital of France?")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.splitlines()[1] == "Paris is the capital."
+    proc = subprocess.run([sys.executable, "-m", "liandan", "chat", "--engine", "llama.cpp", "--adapter-path",
+                           str(lora_adapter), "-m", "12", "--min-p", "0.05"], input="Capital of France?\n/exit\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris is the capital." in proc.stdout.splitlines()
+
+
+def test_missing_llama_cpp_is_one_line_with_the_install_command(tmp_path, tiny_llama):
+    fake = tmp_path / "shadow" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named llama_cpp')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "liandan", "generate", "--engine", "llama.cpp", "--model",
+                           str(tiny_llama)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "liandan: error: --engine llama.cpp needs llama-cpp-python: pip install 'liandan[llama]'"]
+
+
+def test_sampling_never_yields_nan_and_takes_any_seed():
+    from liandan.generate import make_generator, sample_next
+
+    logits = torch.randn(1000) * 30
+    best = int(torch.argmax(logits))
+    for temp, top_p, min_p in ((2.0, 1e-300, 0.0), (1e-300, 0.5, 0.0), (2.0, 1.0, 0.999999), (100.0, 1e-45, 0.5)):
+        token = sample_next(logits, temp, top_p, min_p, make_generator(temp, 2**70))
+        assert 0 <= token < 1000
+    assert sample_next(logits, 1e-300, 1.0, 0.0, make_generator(1e-300, None)) == best
+    a, b = (sample_next(logits, 1.0, 0.9, 0.0, make_generator(1.0, 2**70 + 3)) for _ in range(2))
+    assert a == b  # the seed is taken modulo 2**63, deterministically
+
+
+def test_bad_engine_options_are_refused_before_loading():
+    bad = liandan("generate", "--engine", "vllm")
+    assert bad.returncode == 2 and "invalid choice: 'vllm'" in bad.stderr
+    for flag, value, message in (("--top-p", "0", "--top-p must be in (0, 1]"), ("--min-p", "1.5", "--min-p must be"),
+                                 ("--temp", "-1", "--temp must be between")):
+        proc = liandan("chat", flag, value, "--model", "/nonexistent")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_context_size_rule(tiny_llama):
+    from liandan.generate import context_size, load_pipeline
+
+    assert context_size(load_pipeline(str(tiny_llama), None, load_weights=False)) == 512
+    with pytest.raises(LiandanError, match="no adapter found"):
+        load_pipeline(None, "/nonexistent", load_weights=False)
