@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import fixtures
 from fixtures import real_templates
 from transformers import AutoTokenizer
 
@@ -26,6 +27,11 @@ REQUIRED = (
 
 
 @pytest.fixture(scope="session")
+def templates():
+    return real_templates()
+
+
+@pytest.fixture(scope="session")
 def go_render(tmp_path_factory):
     """Renders [(template, system, messages), ...] with Go's text/template in one process."""
     if shutil.which("go") is None:
@@ -40,6 +46,11 @@ def go_render(tmp_path_factory):
         return [o.get("error") and "GO ERROR: " + o["error"] or o["text"] for o in out]
 
     return run
+
+
+def modelfile_template(path: Path) -> str:
+    text = path.read_text(encoding="utf-8")
+    return text.split('TEMPLATE """', 1)[1].split('"""\n', 1)[0]
 
 
 def system_of(conversation):
@@ -72,9 +83,8 @@ def jinja_of(tokenizer, template):
     return lambda conversation: render_text(tokenizer, template, conversation, add_generation_prompt=True)
 
 
-def test_every_real_template_gets_a_go_template_equal_to_jinja(go_render, plain_tokenizer):
+def test_every_real_template_gets_a_go_template_equal_to_jinja(go_render, plain_tokenizer, templates):
     """The sweep over llama.cpp's real templates (from the llama-cpp-python sdist): wrapper strings, then Go == Jinja."""
-    templates = real_templates()
     cases, owners, refused = [], [], {}
     for name, template in templates.items():
         jinja = jinja_of(plain_tokenizer, template)
@@ -134,18 +144,62 @@ def test_templates_wrappers_cannot_describe_are_refused_in_one_line(template, re
     assert "\n" not in str(info.value).replace("\\n", "")
 
 
+
+@pytest.fixture(scope="module")
+def fast_template_tokenizer(tiny_llama):
+    """fixtures.template_tokenizer, starting from tiny-llama's saved copy of the embedded tokenizer
+    (reading it from the GGUF again takes a minute on a busy machine)."""
+    saved = fixtures.smollm2_tokenizer
+    fixtures.smollm2_tokenizer = lambda: AutoTokenizer.from_pretrained(str(tiny_llama))
+    yield fixtures.template_tokenizer
+    fixtures.smollm2_tokenizer = saved
+
+
+def tiny_model_with(tiny_llama, tmp_path, template, bos, eos, make_tokenizer):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    make_tokenizer(template, bos, eos).save_pretrained(model)
+    return model
+
+
+def test_export_ollama_writes_a_checked_modelfile_for_llama_3_1(tiny_llama, tmp_path, go_render, templates,
+                                                               fast_template_tokenizer):
+    from liandan.export.ollama import adds_bos, export_ollama
+
+    model = tiny_model_with(tiny_llama, tmp_path, templates["meta-llama-Llama-3.1-8B-Instruct"], "<|begin_of_text|>",
+                            "<|eot_id|>", fast_template_tokenizer)
+    path = export_ollama(model, "tiny", tmp_path / "out", outtype="f32", log=lambda *_: None)
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("FROM ./tiny.gguf\n") and 'PARAMETER stop "<|eot_id|>"' in text and "SYSTEM" not in text
+    assert "Today Date: 26 Jul 2024" in text  # the fixed preamble, with and without a system prompt
+    tok = AutoTokenizer.from_pretrained(str(model))
+    bos = tok.bos_token if adds_bos(model) else ""
+    outputs = go_render([(modelfile_template(path), system_of(c), c) for c in PROBES])
+    assert [bos + out for out in outputs] == [jinja_of(tok, tok.chat_template)(c) for c in PROBES]
+
+
+def test_export_ollama_refuses_before_writing(tiny_llama, tmp_path, templates, fast_template_tokenizer):
+    from liandan.export.ollama import export_ollama
+
+    model = tiny_model_with(tiny_llama, tmp_path, templates["google-gemma-2-2b-it"], "<bos>", "<eos>",
+                            fast_template_tokenizer)
+    with pytest.raises(LiandanError, match="no system role"):
+        export_ollama(model, "tiny", tmp_path / "out", system="Be brief.", log=lambda *_: None)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    tok.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content | lower }}\n{% endfor %}"
+    tok.save_pretrained(model)
+    with pytest.raises(LiandanError, match="cannot write an Ollama TEMPLATE: the chat template renders the probe"):
+        export_ollama(model, "tiny", tmp_path / "out", log=lambda *_: None)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------- end to end on the embedded model
 E2E_TEMPLATES = ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "meta-llama-Llama-3.1-8B-Instruct", "google-gemma-2-2b-it")
 
 
-def modelfile_template(path: Path) -> str:
-    text = path.read_text(encoding="utf-8")
-    return text.split('TEMPLATE """', 1)[1].split('"""\n', 1)[0]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", E2E_TEMPLATES)
-def test_trained_model_ships_under_a_real_template(name, template_adapter, go_render, tmp_path):
+def test_trained_model_ships_under_a_real_template(name, template_adapter, go_render, tmp_path, templates):
     """Trained on the seed's jokes under a real template: the fused GGUF answers through llama.cpp's own
     chat-completion path (the template inside the GGUF) and stops; the Ollama TEMPLATE equals Jinja under Go."""
     lc = pytest.importorskip("llama_cpp")
@@ -159,7 +213,7 @@ def test_trained_model_ships_under_a_real_template(name, template_adapter, go_re
     result = liandan("fuse", "--adapter-path", adapters, "--save-path", fused, "--export-gguf")
     assert result.returncode == 0, result.stderr[-2000:]
     llm = lc.Llama(model_path=str(fused / "ggml-model-f16.gguf"), n_ctx=256, verbose=False)
-    assert llm.metadata["tokenizer.chat_template"] == real_templates()[name]
+    assert llm.metadata["tokenizer.chat_template"] == templates[name]
     questions = []
     for example in read_jsonl(JOKES / "train.jsonl").examples:
         question, answer = example.messages[0]["content"], example.messages[1]["content"]
