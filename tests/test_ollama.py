@@ -193,6 +193,45 @@ def test_export_ollama_refuses_before_writing(tiny_llama, tmp_path, templates, f
     assert not (tmp_path / "out").exists()
 
 
+
+# (template, BOS, EOS as the model's tokenizer has them)
+GGUF_FAMILIES = [
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    ("meta-llama-Llama-3.1-8B-Instruct", "<|begin_of_text|>", "<|eot_id|>"),
+    ("google-gemma-2-2b-it", "<bos>", "<eos>"),
+    ("mistralai-Mistral-Nemo-Instruct-2407", "<s>", "</s>"),
+    ("microsoft-Phi-3.5-mini-instruct", "<s>", "<|endoftext|>"),
+]
+
+
+@pytest.mark.parametrize("name, bos, eos", GGUF_FAMILIES)
+def test_gguf_chat_template_gives_llama_cpp_the_training_prompt(name, bos, eos, tiny_llama, tmp_path, templates,
+                                                                fast_template_tokenizer):
+    """llama.cpp's chat-completion path renders the template inside the GGUF with the GGUF's BOS/EOS: its
+    prompt tokens must be liandan's training prompt, and its EOS the trained stop token."""
+    lc = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from liandan.data.render import Encoder
+    from liandan.export.gguf import export_gguf
+
+    model = tiny_model_with(tiny_llama, tmp_path, templates[name], bos, eos, fast_template_tokenizer)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    rendering = make_rendering(tok)
+    export_gguf(model, tmp_path / "m.gguf", "f32", rendering.chat_template, rendering.stop_tokens, log=lambda *_: None)
+    llm = lc.Llama(model_path=str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    assert llm.token_eos() == tok.convert_tokens_to_ids(rendering.stop_tokens[0])
+    # What Llama.__init__ builds from the GGUF's metadata for create_chat_completion.
+    text = llm._model.token_get_text
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], text(llm.token_eos()), text(llm.token_bos()))
+    encoder = Encoder(tok, rendering)
+    for conv in PROBES:
+        if name == "google-gemma-2-2b-it" and system_of(conv) is not None:
+            continue
+        prompt = formatter(messages=conv).prompt
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == encoder.prompt_ids(conv)
+
+
 # ---------------------------------------------------------------- end to end on the embedded model
 E2E_TEMPLATES = ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "meta-llama-Llama-3.1-8B-Instruct", "google-gemma-2-2b-it")
 
