@@ -64,11 +64,6 @@ class Wrappers:
     system_wrap: tuple = ("", "")  # (before, after) the system text at that place
     bos: str = ""  # stripped from renderings: llama.cpp adds it itself
 
-    @property
-    def think_opener(self) -> str:
-        """What the generation prompt adds after the history's answer opener (R1's "<think>\\n")."""
-        return self.generation[len(self.reply_open):] if self.generation.startswith(self.reply_open) else ""
-
 
 def render(wrappers: Wrappers, system: str | None, messages: list[dict]) -> str:
     """What the wrappers give for a conversation (system turns are taken from `system`, as Ollama does)."""

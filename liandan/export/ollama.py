@@ -87,8 +87,9 @@ def modelfile(gguf_name: str, wrappers: Wrappers, system: str | None, stops: lis
 def describe(wrappers: Wrappers) -> str:
     system = {"start": "system prompt at the start", "last-user": "system prompt in the last user turn",
               "none": "no system prompt"}[wrappers.system]
-    think = f", generation prompt opens {wrappers.think_opener!r}" if wrappers.think_opener else ""
-    return system + think
+    if wrappers.generation == wrappers.reply_open:
+        return system
+    return f"{system}; generation prompt {wrappers.generation!r}, history answers after {wrappers.reply_open!r}"
 
 
 def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None = None, outtype: str = "q8_0",
