@@ -169,8 +169,9 @@ def tiny_llama_calm() -> Path:
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 TEMPLATES_IN_SDIST = "vendor/llama.cpp/models/templates/"
-# A control token as templates write them: <|im_start|>, <｜User｜>, <start_of_turn>, <|turn>, <think>, [INST].
-CONTROL_TOKEN = r"<[|｜]?[^\s<>'\"{}]{1,60}?[|｜]?>|\[/?[A-Z][A-Z_]{1,30}\]"
+# A control token as templates write them: <|im_start|>, <｜User｜>, <start_of_turn>, <|turn>, <think>, [INST],
+# MiniMax's ]~!b[ and [e~[.
+CONTROL_TOKEN = r"<[|｜]?[^\s<>'\"{}]{1,60}?[|｜]?>|\[/?[A-Z][A-Z_]{1,30}\]|[\[\]][a-z]?~!?[a-z]?[\[\]]"
 
 
 def llama_cpp_sdist() -> Path:
@@ -183,6 +184,11 @@ def llama_cpp_sdist() -> Path:
 
 def real_templates() -> dict[str, str]:
     """{name: Jinja text} for every template under the sdist's models/templates/."""
+    return dict(_real_templates())
+
+
+@functools.lru_cache(maxsize=1)
+def _real_templates() -> dict[str, str]:
     import tarfile
 
     out = {}
