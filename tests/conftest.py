@@ -72,3 +72,9 @@ def pytest_collection_modifyitems(config, items):
                if not ok]
     if missing:
         raise pytest.UsageError(f"LIANDAN_REQUIRE_ALL=1 but {', '.join(missing)} missing: run scripts/setup.sh --test")
+
+
+@pytest.fixture(scope="session")
+def all_templates_tokenizer():
+    """One tokenizer for every real chat template (tests set its chat_template): tokenization only."""
+    return fixtures.all_templates_tokenizer()
