@@ -27,11 +27,6 @@ REQUIRED = (
 
 
 @pytest.fixture(scope="session")
-def templates():
-    return real_templates()
-
-
-@pytest.fixture(scope="session")
 def go_render(tmp_path_factory):
     """Renders [(template, system, messages), ...] with Go's text/template in one process."""
     if shutil.which("go") is None:
@@ -83,8 +78,9 @@ def jinja_of(tokenizer, template):
     return lambda conversation: render_text(tokenizer, template, conversation, add_generation_prompt=True)
 
 
-def test_every_real_template_gets_a_go_template_equal_to_jinja(go_render, plain_tokenizer, templates):
+def test_every_real_template_gets_a_go_template_equal_to_jinja(go_render, plain_tokenizer):
     """The sweep over llama.cpp's real templates (from the llama-cpp-python sdist): wrapper strings, then Go == Jinja."""
+    templates = real_templates()
     cases, owners, refused = [], [], {}
     for name, template in templates.items():
         jinja = jinja_of(plain_tokenizer, template)
@@ -145,29 +141,17 @@ def test_templates_wrappers_cannot_describe_are_refused_in_one_line(template, re
 
 
 
-@pytest.fixture(scope="module")
-def fast_template_tokenizer(tiny_llama):
-    """fixtures.template_tokenizer, starting from tiny-llama's saved copy of the embedded tokenizer
-    (reading it from the GGUF again takes a minute on a busy machine)."""
-    saved = fixtures.smollm2_tokenizer
-    fixtures.smollm2_tokenizer = lambda: AutoTokenizer.from_pretrained(str(tiny_llama))
-    yield fixtures.template_tokenizer
-    fixtures.smollm2_tokenizer = saved
-
-
-def tiny_model_with(tiny_llama, tmp_path, template, bos, eos, make_tokenizer):
+def tiny_model_with(tiny_llama, tmp_path, name, bos, eos):
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)
-    make_tokenizer(template, bos, eos).save_pretrained(model)
+    fixtures.template_tokenizer(real_templates()[name], bos, eos).save_pretrained(model)
     return model
 
 
-def test_export_ollama_writes_a_checked_modelfile_for_llama_3_1(tiny_llama, tmp_path, go_render, templates,
-                                                               fast_template_tokenizer):
+def test_export_ollama_writes_a_checked_modelfile_for_llama_3_1(tiny_llama, tmp_path, go_render):
     from liandan.export.ollama import adds_bos, export_ollama
 
-    model = tiny_model_with(tiny_llama, tmp_path, templates["meta-llama-Llama-3.1-8B-Instruct"], "<|begin_of_text|>",
-                            "<|eot_id|>", fast_template_tokenizer)
+    model = tiny_model_with(tiny_llama, tmp_path, "meta-llama-Llama-3.1-8B-Instruct", "<|begin_of_text|>", "<|eot_id|>")
     path = export_ollama(model, "tiny", tmp_path / "out", outtype="f32", log=lambda *_: None)
     text = path.read_text(encoding="utf-8")
     assert text.startswith("FROM ./tiny.gguf\n") and 'PARAMETER stop "<|eot_id|>"' in text and "SYSTEM" not in text
@@ -178,11 +162,10 @@ def test_export_ollama_writes_a_checked_modelfile_for_llama_3_1(tiny_llama, tmp_
     assert [bos + out for out in outputs] == [jinja_of(tok, tok.chat_template)(c) for c in PROBES]
 
 
-def test_export_ollama_refuses_before_writing(tiny_llama, tmp_path, templates, fast_template_tokenizer):
+def test_export_ollama_refuses_before_writing(tiny_llama, tmp_path):
     from liandan.export.ollama import export_ollama
 
-    model = tiny_model_with(tiny_llama, tmp_path, templates["google-gemma-2-2b-it"], "<bos>", "<eos>",
-                            fast_template_tokenizer)
+    model = tiny_model_with(tiny_llama, tmp_path, "google-gemma-2-2b-it", "<bos>", "<eos>")
     with pytest.raises(LiandanError, match="no system role"):
         export_ollama(model, "tiny", tmp_path / "out", system="Be brief.", log=lambda *_: None)
     tok = AutoTokenizer.from_pretrained(str(model))
@@ -200,13 +183,11 @@ GGUF_FAMILIES = [
     ("meta-llama-Llama-3.1-8B-Instruct", "<|begin_of_text|>", "<|eot_id|>"),
     ("google-gemma-2-2b-it", "<bos>", "<eos>"),
     ("mistralai-Mistral-Nemo-Instruct-2407", "<s>", "</s>"),
-    ("microsoft-Phi-3.5-mini-instruct", "<s>", "<|endoftext|>"),
 ]
 
 
 @pytest.mark.parametrize("name, bos, eos", GGUF_FAMILIES)
-def test_gguf_chat_template_gives_llama_cpp_the_training_prompt(name, bos, eos, tiny_llama, tmp_path, templates,
-                                                                fast_template_tokenizer):
+def test_gguf_chat_template_gives_llama_cpp_the_training_prompt(name, bos, eos, tiny_llama, tmp_path):
     """llama.cpp's chat-completion path renders the template inside the GGUF with the GGUF's BOS/EOS: its
     prompt tokens must be liandan's training prompt, and its EOS the trained stop token."""
     lc = pytest.importorskip("llama_cpp")
@@ -215,7 +196,7 @@ def test_gguf_chat_template_gives_llama_cpp_the_training_prompt(name, bos, eos, 
     from liandan.data.render import Encoder
     from liandan.export.gguf import export_gguf
 
-    model = tiny_model_with(tiny_llama, tmp_path, templates[name], bos, eos, fast_template_tokenizer)
+    model = tiny_model_with(tiny_llama, tmp_path, name, bos, eos)
     tok = AutoTokenizer.from_pretrained(str(model))
     rendering = make_rendering(tok)
     export_gguf(model, tmp_path / "m.gguf", "f32", rendering.chat_template, rendering.stop_tokens, log=lambda *_: None)
@@ -233,12 +214,12 @@ def test_gguf_chat_template_gives_llama_cpp_the_training_prompt(name, bos, eos, 
 
 
 # ---------------------------------------------------------------- end to end on the embedded model
-E2E_TEMPLATES = ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "meta-llama-Llama-3.1-8B-Instruct", "google-gemma-2-2b-it")
+E2E_TEMPLATES = ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "meta-llama-Llama-3.1-8B-Instruct", "google-gemma-2-2b-it")  # conftest.TEMPLATE_TOKENS
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", E2E_TEMPLATES)
-def test_trained_model_ships_under_a_real_template(name, template_adapter, go_render, tmp_path, templates):
+def test_trained_model_ships_under_a_real_template(name, template_adapter, go_render, tmp_path):
     """Trained on the seed's jokes under a real template: the fused GGUF answers through llama.cpp's own
     chat-completion path (the template inside the GGUF) and stops; the Ollama TEMPLATE equals Jinja under Go."""
     lc = pytest.importorskip("llama_cpp")
@@ -252,7 +233,7 @@ def test_trained_model_ships_under_a_real_template(name, template_adapter, go_re
     result = liandan("fuse", "--adapter-path", adapters, "--save-path", fused, "--export-gguf")
     assert result.returncode == 0, result.stderr[-2000:]
     llm = lc.Llama(model_path=str(fused / "ggml-model-f16.gguf"), n_ctx=256, verbose=False)
-    assert llm.metadata["tokenizer.chat_template"] == templates[name]
+    assert llm.metadata["tokenizer.chat_template"] == real_templates()[name]
     questions = []
     for example in read_jsonl(JOKES / "train.jsonl").examples:
         question, answer = example.messages[0]["content"], example.messages[1]["content"]
@@ -261,7 +242,8 @@ def test_trained_model_ships_under_a_real_template(name, template_adapter, go_re
                                            top_k=1)["choices"][0]
         assert (reply["message"]["content"], reply["finish_reason"]) == (answer, "stop"), question
 
-    export = liandan("export", "ollama", "--model", fused, "--name", "jokes", "--out", tmp_path / "ollama")
+    export = liandan("export", "ollama", "--model", fused, "--name", "jokes", "--out", tmp_path / "ollama",
+                     "--outtype", "f16")
     assert export.returncode == 0, export.stderr[-2000:]
     template = modelfile_template(tmp_path / "ollama" / "Modelfile")
     tok = AutoTokenizer.from_pretrained(str(fused))
