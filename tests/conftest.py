@@ -72,3 +72,41 @@ def pytest_collection_modifyitems(config, items):
                if not ok]
     if missing:
         raise pytest.UsageError(f"LIANDAN_REQUIRE_ALL=1 but {', '.join(missing)} missing: run scripts/setup.sh --test")
+
+
+@pytest.fixture(scope="session")
+def all_templates_tokenizer():
+    """One tokenizer for every real chat template (tests set its chat_template): tokenization only."""
+    return fixtures.all_templates_tokenizer()
+
+
+# BOS and EOS of the model families whose real templates the end-to-end tests train under.
+TEMPLATE_TOKENS = {
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "meta-llama-Llama-3.1-8B-Instruct": ("<|begin_of_text|>", "<|eot_id|>"),
+    "google-gemma-2-2b-it": ("<bos>", "<eos>"),
+}
+
+
+@pytest.fixture(scope="session")
+def template_adapter(tmp_path_factory):
+    """template_adapter(name) -> an adapter trained on the seed's jokes, the embedded model speaking the real
+    template `name` (fixtures.embedded_model_with_template); trained once per session (niced: shared CPUs)."""
+    trained = {}
+
+    def train(name: str) -> Path:
+        if name not in trained:
+            bos, eos = TEMPLATE_TOKENS[name]
+            root = tmp_path_factory.mktemp("template-" + name[:20])
+            model = fixtures.embedded_model_with_template(name, fixtures.real_templates()[name], bos, eos, root / "model")
+            adapters = root / "adapters"
+            result = subprocess.run(
+                ["nice", "-n", "10", sys.executable, "-m", "liandan", "lora", "--model", str(model), "--train",
+                 "--data", str(JOKES), "--adapter-path", str(adapters), "--learning-rate", "1e-4", "--batch-size", "2",
+                 "--iters", "200", "--replay-ratio", "0", "--steps-per-eval", "1000", "--save-every", "200"],
+                capture_output=True, text=True, timeout=1500, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+            trained[name] = adapters
+        return trained[name]
+
+    return train

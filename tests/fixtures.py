@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import importlib.util
 import shutil
 from pathlib import Path
@@ -168,8 +169,9 @@ def tiny_llama_calm() -> Path:
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 TEMPLATES_IN_SDIST = "vendor/llama.cpp/models/templates/"
-# A control token as templates write them: <|im_start|>, <｜User｜>, <start_of_turn>, <|turn>, <think>, [INST].
-CONTROL_TOKEN = r"<[|｜]?[^\s<>'\"{}]{1,60}?[|｜]?>|\[/?[A-Z][A-Z_]{1,30}\]"
+# A control token as templates write them: <|im_start|>, <｜User｜>, <start_of_turn>, <|turn>, <think>, [INST],
+# MiniMax's ]~!b[ and [e~[.
+CONTROL_TOKEN = r"<[|｜]?[^\s<>'\"{}]{1,60}?[|｜]?>|\[/?[A-Z][A-Z_]{1,30}\]|[\[\]][a-z]?~!?[a-z]?[\[\]]"
 
 
 def llama_cpp_sdist() -> Path:
@@ -182,6 +184,11 @@ def llama_cpp_sdist() -> Path:
 
 def real_templates() -> dict[str, str]:
     """{name: Jinja text} for every template under the sdist's models/templates/."""
+    return dict(_real_templates())
+
+
+@functools.lru_cache(maxsize=1)
+def _real_templates() -> dict[str, str]:
     import tarfile
 
     out = {}
@@ -220,6 +227,12 @@ def control_tokens(template: str, bos: str = "<s>", eos: str = "</s>") -> list[s
     return sorted(found | {bos, eos}, key=lambda t: (len(t), t))
 
 
+@functools.lru_cache(maxsize=1)
+def _smollm2_tokenizer_json() -> str:
+    """SmolLM2's tokenizer.json, read from the tiny model's copy (reading the GGUF costs a minute)."""
+    return (tiny_llama() / "tokenizer.json").read_text(encoding="utf-8")
+
+
 def template_tokenizer(template: str, bos: str = "<s>", eos: str = "</s>", add_tokens: bool = False):
     """The embedded SmolLM2 tokenizer speaking `template`: its unused special tokens are renamed to the
     template's control tokens (so the embedded model's vocabulary size is unchanged). Templates with more
@@ -229,9 +242,8 @@ def template_tokenizer(template: str, bos: str = "<s>", eos: str = "</s>", add_t
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    base = smollm2_tokenizer()
     wanted = control_tokens(template, bos, eos)
-    state = _json.loads(base.backend_tokenizer.to_str())
+    state = _json.loads(_smollm2_tokenizer_json())
     added = state["added_tokens"]
     existing = {t["content"] for t in added}
     spare = [t for t in added if t["content"] not in wanted]
@@ -278,3 +290,21 @@ def embedded_model_with_template(name: str, template: str, bos: str, eos: str, o
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def all_templates_tokenizer():
+    """One tokenizer for sweeping every real template (tokenization only, no model): SmolLM2's with the control
+    tokens of all of them added as special tokens. A string that is a control token in one template and
+    appears in another one's renderings is among the other's control tokens too, so the union tokenizes
+    each template's renderings as its own tokenizer would; building it once keeps the sweep fast."""
+    import json as _json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    wanted = sorted({t for template in real_templates().values() for t in control_tokens(template)})
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_smollm2_tokenizer_json()), bos_token="<s>",
+                                   eos_token="</s>", model_max_length=8192)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in wanted if t not in ("<s>", "</s>")]})
+    return fast

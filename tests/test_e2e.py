@@ -87,7 +87,8 @@ def test_export_ollama_from_the_demo(demo, tmp_path):
     assert export.returncode == 0, export.stderr[-2000:]
     text = (tmp_path / "ollama" / "Modelfile").read_text()
     assert text.startswith("FROM ./jokes.gguf\n") and 'PARAMETER stop "<|im_end|>"' in text
-    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    # No SYSTEM line: the template's default system prompt is in the TEMPLATE, used when none is given.
+    assert "{{ else }}<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face" in text
     assert "<|im_start|>assistant\n" in text and (tmp_path / "ollama" / "jokes.gguf").stat().st_size > 1e8
     assert "ollama create jokes -f" in export.stdout
 

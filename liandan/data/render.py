@@ -11,6 +11,7 @@ reused by generate/chat/serve/fuse/export. Two rules prevent the "never stops" t
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -29,7 +30,6 @@ PLAIN_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
 )
 
-_PROBE = "LIANDAN_PROBE_ANSWER"
 
 
 @dataclass
@@ -85,20 +85,13 @@ def special_tokens(tokenizer) -> list[str]:
 
 def _turn_end_token(tokenizer, template: str) -> str:
     """The first special token the template writes after an assistant answer."""
-    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
-    text = render_text(tokenizer, template, conversation, add_generation_prompt=False)
-    after = text[text.rfind(_PROBE) + len(_PROBE):]
-    specials = special_tokens(tokenizer)
-    best = None
-    for token in specials:
-        pos = after.find(token)
-        if pos >= 0 and (best is None or pos < best[0]):
-            best = (pos, token)
-    if best is not None:
-        return best[1]
-    if tokenizer.eos_token is None:
-        raise LiandanError("cannot tell which token ends an answer: the chat template writes none and there is no EOS token")
-    return tokenizer.eos_token
+    from liandan.data.template import turn_end_of
+
+    return turn_end_of(_renderer(tokenizer, template), special_tokens(tokenizer), tokenizer.eos_token)
+
+
+def _renderer(tokenizer, template: str):
+    return lambda messages, add_generation_prompt: render_text(tokenizer, template, messages, add_generation_prompt)
 
 
 def render_text(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
@@ -107,6 +100,11 @@ def render_text(tokenizer, template: str, messages: list[dict], add_generation_p
             messages, tools=tools, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as exc:
+        if tools is None:  # tool-use templates (Hermes, Command-R+) iterate `tools` unguarded: a chat without tools
+            try:
+                return render_text(tokenizer, template, messages, add_generation_prompt, [])
+            except LiandanError:
+                pass
         raise LiandanError(f"the chat template failed to render: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
 
@@ -153,6 +151,7 @@ class Encoder:
         self.mask_prompt = mask_prompt
         self.specials = special_tokens(tokenizer)
         self.hand_typed = HandTypedStops()
+        self._layout = None
 
     # -- prompts (shared with generation, so inference sees exactly the training prefix) --
     def prompt_messages(self, messages: list[dict]) -> list[dict]:
@@ -177,42 +176,70 @@ class Encoder:
             ids = ids + [eos]
         return Encoded(ids, list(ids), line)
 
-    def encode_chat(self, messages: list[dict], tools=None, line: int = 0, limit: int | None = None) -> Encoded:
-        """Tokens and labels of a conversation. With `limit`, stop after the turn that takes it past
-        `limit` tokens: what follows is cut by truncation or dropped anyway, and rendering every
-        prefix of a 10,000-turn chat would take minutes (each turn renders the whole history)."""
-        messages = self.prompt_messages([self._clean(m) for m in messages])
-        template = self.rendering.chat_template
-        stop = self.rendering.stop_tokens[0]
-        ids: list[int] = []
-        labels: list[int] = []
-        done = ""  # rendered text already turned into tokens
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if not self._prefix_stable(messages, turns, tools):
-            turns = turns[-1:]  # templates that rewrite history (e.g. drop old reasoning): train the last turn only
-        for i in turns:
-            prompt = render_text(self.tokenizer, template, messages[:i], True, tools)
-            full = render_text(self.tokenizer, template, messages[: i + 1], False, tools)
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise LiandanError("the chat template renders a conversation differently from its beginning; cannot mask prompts")
-            answer = full[len(prompt):]
-            end = answer.find(stop)
-            answer = answer[: end + len(stop)] if end >= 0 else answer.rstrip() + stop
-            prompt_ids = self._tokenize(prompt[len(done):])
-            answer_ids = self._tokenize(answer)
-            ids += prompt_ids + answer_ids
-            labels += ([IGNORE] * len(prompt_ids) if self.mask_prompt else prompt_ids) + answer_ids
-            done = prompt + answer
-            if limit is not None and len(ids) > limit:
-                break
-        return Encoded(ids, labels, line)
+    @property
+    def layout(self):
+        """The template's inferred layout (data/template.py), probed on first use."""
+        if self._layout is None:
+            from liandan.data.template import infer_layout
 
-    def _prefix_stable(self, messages, turns, tools) -> bool:
-        if len(turns) < 2:
-            return True
-        first = render_text(self.tokenizer, self.rendering.chat_template, messages[: turns[0] + 1], False, tools)
-        whole = render_text(self.tokenizer, self.rendering.chat_template, messages, False, tools)
-        return whole.startswith(first.rstrip())
+            self._layout = infer_layout(_renderer(self.tokenizer, self.rendering.chat_template), self.specials,
+                                        self.tokenizer.eos_token)
+            self._layout = dataclasses.replace(self._layout, turn_end=self.rendering.stop_tokens[0])
+        return self._layout
+
+    def encode_chat(self, messages: list[dict], tools=None, line: int = 0, limit: int | None = None) -> Encoded:
+        """Each trained assistant turn is exactly the generation prompt, then the answer as the model should
+        generate it (think block included, data/template.py), then the turn end. With `limit`, stop after the
+        turn that takes it past `limit` tokens: what follows is cut by truncation or dropped anyway, and
+        rendering every prefix of a 10,000-turn chat would take minutes (each renders the whole history)."""
+        messages = self.prompt_messages([self._as_rendered(self._clean(m)) for m in messages])
+        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        encoded = Encoded([], [], line)
+        done = ""  # rendered text already turned into tokens
+        for i in assistant:
+            prompt, answer = self._turn(messages, i, tools)
+            if not prompt.startswith(done):
+                # Templates that rewrite history (drop old reasoning, close the last turn differently) cannot
+                # train every turn in one sequence: the last turn is trained, after its exact prompt.
+                encoded = Encoded([], [], line)
+                self._append_turn(encoded, *self._turn(messages, assistant[-1], tools), "")
+                return encoded
+            self._append_turn(encoded, prompt, answer, done)
+            done = prompt + answer
+            if limit is not None and len(encoded.input_ids) > limit:
+                break
+        return encoded
+
+    def _append_turn(self, encoded: Encoded, prompt: str, answer: str, done: str) -> None:
+        prompt_ids = self._tokenize(prompt[len(done):])
+        answer_ids = self._tokenize(answer)
+        encoded.input_ids += prompt_ids + answer_ids
+        encoded.labels += ([IGNORE] * len(prompt_ids) if self.mask_prompt else prompt_ids) + answer_ids
+
+    def _turn(self, messages: list[dict], i: int, tools) -> tuple[str, str]:
+        """(generation prompt before message i, the answer the model should generate) as text."""
+        from liandan.data.template import trained_turn
+
+        template = self.rendering.chat_template
+        prompt = render_text(self.tokenizer, template, messages[:i], True, tools)
+        message = messages[i]
+        reasoning = message.get(self.layout.reasoning_key) if self.layout.reasoning_key else message.get("_reasoning")
+        full = render_text(self.tokenizer, template, messages[: i + 1], False, tools)
+        return prompt, trained_turn(self.layout, prompt, full, message.get("content") or "", reasoning)
+
+    def _as_rendered(self, message: dict) -> dict:
+        """An assistant message with its reasoning where this template reads it (else kept aside in
+        `_reasoning`, for the think block liandan writes itself) and the answer alone in `content`."""
+        if message.get("role") != "assistant":
+            return message
+        from liandan.data.template import REASONING_KEYS, split_reasoning
+
+        content, reasoning = split_reasoning(message)
+        out = {k: v for k, v in message.items() if k not in REASONING_KEYS}
+        out["content"] = content if message.get("content") is not None or reasoning is not None else None
+        if reasoning is not None:
+            out[self.layout.reasoning_key or "_reasoning"] = reasoning
+        return out
 
     def _clean(self, message: dict) -> dict:
         content = message.get("content")
