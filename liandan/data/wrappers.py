@@ -24,13 +24,13 @@ for training and the reasoning split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from liandan.errors import LiandanError
 
 # Markers: plain letters and digits, so no template trims, escapes or splits them.
-Q1, A1, Q2, A2, Q3, S1 = "LDQONE", "LDAONE", "LDQTWO", "LDATWO", "LDQTHREE", "LDSYSTEM"
+Q1, A1, Q2, S1 = "LDQONE", "LDAONE", "LDQTWO", "LDSYSTEM"
 
 
 def _chat(system, *turns):
@@ -93,7 +93,8 @@ def _cut(text: str, markers: list[str]) -> list[str]:
     parts, rest = [], text
     for marker in markers:
         if rest.count(marker) != 1:
-            raise LiandanError(f"renders the probe content {marker!r} {rest.count(marker)} times where once is expected")
+            raise LiandanError(f"the chat template renders the probe content {marker!r} {rest.count(marker)} times "
+                               "where once is expected")
         head, rest = rest.split(marker)
         parts.append(head)
     return parts + [rest]
@@ -104,17 +105,17 @@ def _system_place(jinja: Jinja, bos: str, wrappers: Wrappers) -> Wrappers:
     try:
         text = _strip(jinja(_chat(S1, Q1, A1, Q2)), bos)
     except LiandanError:
-        return Wrappers(**{**wrappers.__dict__, "system": "none"})  # the template refuses system prompts
+        return replace(wrappers, system="none")  # the template refuses system prompts
     if text.count(S1) != 1:
-        raise LiandanError(f"puts the system prompt in {text.count(S1)} places, not one")
+        raise LiandanError(f"the chat template puts the system prompt in {text.count(S1)} places, not one")
     first = text.split(Q1, 1)[0]
     if S1 in first:
-        return Wrappers(**{**wrappers.__dict__, "system": "start", "system_wrap": tuple(first.split(S1))})
+        return replace(wrappers, system="start", system_wrap=tuple(first.split(S1)))
     between = _cut(text, [Q1, A1, Q2])[2]
     if S1 in between and between.startswith(wrappers.turn_end):
         wrap = tuple(between[len(wrappers.turn_end):].split(S1))
-        return Wrappers(**{**wrappers.__dict__, "system": "last-user", "system_wrap": wrap})
-    raise LiandanError("puts the system prompt somewhere other than the start or the last user turn")
+        return replace(wrappers, system="last-user", system_wrap=wrap)
+    raise LiandanError("the chat template puts the system prompt somewhere other than the start or the last user turn")
 
 
 def infer(jinja: Jinja, bos: str = "") -> Wrappers:
@@ -122,7 +123,7 @@ def infer(jinja: Jinja, bos: str = "") -> Wrappers:
     head, q_end = _cut(_strip(jinja(_chat(None, Q1)), bos), [Q1])
     head2, reply_open, turn_end, generation = _cut(_strip(jinja(_chat(None, Q1, A1, Q2)), bos), [Q1, A1, Q2])
     if head2 != head or generation != q_end:
-        raise LiandanError("renders the first user turn differently once a conversation goes on")
+        raise LiandanError("the chat template renders the first user turn differently once a conversation goes on")
     wrappers = _system_place(jinja, bos, Wrappers(head, reply_open, turn_end, generation, bos=bos))
     check(wrappers, jinja)
     return wrappers
@@ -138,5 +139,6 @@ def check(wrappers: Wrappers, jinja: Jinja) -> None:
         got = render(wrappers, system, conversation)
         if got != expected:
             at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-            raise LiandanError(f"renders differently from wrapper strings (at {expected[max(0, at - 30):at + 30]!r}, "
-                               f"the wrappers give {got[max(0, at - 30):at + 30]!r})")
+            near = slice(max(0, at - 30), at + 30)
+            raise LiandanError(f"the chat template renders differently from wrapper strings (at {expected[near]!r}, "
+                               f"the wrappers give {got[near]!r})")

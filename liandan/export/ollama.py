@@ -44,7 +44,8 @@ def go_template(wrappers: Wrappers) -> str:
         "{{ $started := false }}{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
         f'{{{{ if eq $m.Role "user" }}}}{{{{ if $started }}}}{lit(wrappers.turn_end)}{{{{ end }}}}{inject}'
         f"{{{{ $m.Content }}}}{{{{ if $last }}}}{lit(wrappers.generation)}{{{{ end }}}}{{{{ $started = true }}}}"
-        f'{{{{ else if eq $m.Role "assistant" }}}}{lit(wrappers.reply_open)}{{{{ $m.Content }}}}{{{{ $started = true }}}}'
+        f'{{{{ else if eq $m.Role "assistant" }}}}{lit(wrappers.reply_open)}{{{{ $m.Content }}}}'
+        "{{ $started = true }}"
         "{{ end }}{{ end }}"
     )
 
@@ -59,7 +60,7 @@ def template_wrappers(rendering, tokenizer, bos: str = "") -> Wrappers:
     try:
         return infer(jinja, bos)
     except LiandanError as exc:
-        raise LiandanError(f"cannot write an Ollama TEMPLATE: the chat template {exc}; "
+        raise LiandanError(f"cannot write an Ollama TEMPLATE: {exc}; "
                            "write the Modelfile TEMPLATE by hand") from None
 
 
