@@ -1,0 +1,145 @@
+"""`liandan studio`: its steps without a browser (fast), then the page in a real headless Chromium."""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import JOKES, write_jsonl
+
+import browser
+from liandan.errors import LiandanError
+
+ROWS = [{"prompt": f"Question number {i}: " + "word " * (i % 5), "completion": f"Answer {i} " + "yes " * (i % 3)}
+        for i in range(10)]
+
+
+def truncated_json(path: Path) -> Path:
+    rows = [json.loads(line) for line in (JOKES / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    text = json.dumps(rows, ensure_ascii=False, indent=2)
+    path.write_text(text[: len(text) * 2 // 3], encoding="utf-8")  # cut mid-file, as an interrupted copy would
+    return path
+
+
+# ---------------------------------------------------------------- without a browser
+def test_studio_without_gradio_names_the_install_command(monkeypatch):
+    from liandan.studio.cli import import_gradio
+
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    with pytest.raises(LiandanError, match=r"pip install 'liandan\[studio\]'"):
+        import_gradio()
+
+
+def test_lora_flags_are_the_cli_flags():
+    from liandan.studio.runs import lora_flags
+
+    assert lora_flags({"iters": 200, "learning_rate": 1e-4, "model": None, "grad_checkpoint": False, "overwrite": True,
+                       "mask_prompt": False, "system_prompt": ""}) == [
+        "--iters", "200", "--learning-rate", "0.0001", "--overwrite", "--no-mask-prompt"]
+    # every option the page offers is a real `liandan lora` flag
+    import argparse
+
+    from liandan.lora import build_parser
+    from liandan.studio.runs import PAGE_OPTIONS
+
+    parser = build_parser(argparse.ArgumentParser())
+    known = {s for action in parser._actions for s in action.option_strings}
+    for name in PAGE_OPTIONS:
+        assert f"--{name.replace('_', '-')}" in known or name == "mask_prompt", name
+
+
+def test_bad_table_upload_reports_file_and_line_and_writes_nothing(tmp_path):
+    from liandan.studio import data
+
+    bad = truncated_json(tmp_path / "jokes.json")
+    staging = data.stage([str(bad)])
+    assert not data.is_split_dir(staging)
+    errors = data.validate_tables(staging)
+    assert len(errors) == 1 and errors[0].startswith("jokes.json:") and "invalid JSON" in errors[0], errors
+    shutil.rmtree(staging)
+
+
+def test_rendered_examples_highlight_only_the_trained_answer(tiny_llama, tmp_path):
+    from liandan.studio import data
+
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "谁是最帅的地球人", "completion": "德哥"}])
+    shown = data.rendered_examples(tmp_path / "train.jsonl", str(tiny_llama))
+    trained = shown.split('<mark class="trained">')[1].split("</mark>")[0]
+    assert trained.startswith("德哥") and "谁是" not in trained  # the answer and its stop token, not the question
+    assert "谁是最帅的地球人" in shown and "train.jsonl:1" in shown
+
+
+def wait_for(condition, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_run_survives_its_page_stops_with_a_checkpoint_and_resumes(tiny_llama, tmp_path):
+    """The run is a real `liandan lora` process found again from its pid file; stop keeps a checkpoint."""
+    from liandan.studio import runs
+    from liandan.train import latest_checkpoint
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    adapters = tmp_path / "runs" / "tiny"
+    options = {"model": str(tiny_llama), "data": str(tmp_path / "data"), "iters": 4000, "batch_size": 2,
+               "steps_per_report": 5, "save_every": 100000, "replay_ratio": 0, "learning_rate": 1e-3}
+    runs.start(adapters, options)
+    runs._children.clear()  # as if the page (and the studio) had been closed and opened again
+    assert runs.is_running(adapters) and runs.list_runs(tmp_path / "runs") == [adapters]
+    wait_for(lambda: runs.status(adapters).iteration >= 20, 120, "20 iterations")
+    assert runs.stop(adapters)
+    wait_for(lambda: not runs.is_running(adapters), 60, "the run to stop")
+    state = runs.status(adapters)
+    assert state.state == "stopped", state.log
+    stopped_at = int(latest_checkpoint(adapters).name)
+    assert stopped_at >= 20 and f"Stopped at iteration {stopped_at}" in state.log
+
+    runs.resume(adapters)
+    wait_for(lambda: runs.status(adapters).iteration > stopped_at + 5, 120, "the resumed run to report")
+    runs.stop(adapters)
+    wait_for(lambda: not runs.is_running(adapters), 60, "the resumed run to stop")
+    state = runs.status(adapters)
+    assert f"resuming after iteration {stopped_at}" in state.log
+    iterations = [it for it, _ in state.train_loss]
+    assert iterations == sorted(iterations) and len(set(iterations)) == len(iterations)  # continued, not restarted
+
+
+# ---------------------------------------------------------------- in a real browser
+@pytest.fixture
+def studio(tmp_path):
+    lacking = browser.missing()
+    if lacking:
+        pytest.skip(f"browser tests need {', '.join(lacking)}: scripts/setup.sh --test")
+    server = browser.Studio(tmp_path / "workspace", tmp_path / "studio.log")
+    page = browser.Page(tmp_path / "downloads", tmp_path / "screenshots")
+    yield server, page
+    page.close()
+    server.close()
+
+
+def test_bad_upload_shows_file_and_line_the_server_keeps_serving_nothing_is_written(studio, tmp_path):
+    server, page = studio
+    page.open(server.url)
+    page.upload("upload", [truncated_json(tmp_path / "jokes.json")])
+    page.wait_text("data-status", "nothing was saved")
+    report = page.text("check-report")
+    assert report.startswith("jokes.json:") and "invalid JSON" in report, report
+    page.shot("bad-upload")
+    # A JSONL with one cut line: the `data check` report names that line.
+    bad = tmp_path / "split"
+    bad.mkdir()
+    lines = (JOKES / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    (bad / "train.jsonl").write_text("\n".join(lines[:2] + [lines[2][:20]] + lines[3:]) + "\n", encoding="utf-8")
+    page.open(server.url)
+    page.upload("upload", [bad / "train.jsonl"])
+    page.wait_text("check-report", "train.jsonl:3: invalid JSON")
+    assert "nothing was saved" in page.text("data-status")
+    assert server.serving() and server.process.poll() is None
+    assert not (tmp_path / "workspace" / "data").exists() or not any((tmp_path / "workspace" / "data").iterdir())
+    assert page.outside_requests(server.url) == []
