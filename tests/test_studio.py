@@ -143,3 +143,85 @@ def test_bad_upload_shows_file_and_line_the_server_keeps_serving_nothing_is_writ
     assert server.serving() and server.process.poll() is None
     assert not (tmp_path / "workspace" / "data").exists() or not any((tmp_path / "workspace" / "data").iterdir())
     assert page.outside_requests(server.url) == []
+
+
+def chart_svg(page) -> str:
+    return page.find("#loss-chart svg").get_attribute("outerHTML")
+
+
+def iteration_shown(page) -> int:
+    import re
+
+    found = re.search(r"iteration (\d+)/", page.text("progress"))
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.slow
+def test_the_demo_through_the_page(studio, tmp_path):
+    """Upload the six jokes, check, train 200 iterations (stopped and resumed on the way), test, chat, export."""
+    server, page = studio
+    workspace = tmp_path / "workspace"
+    page.open(server.url)
+    page.upload("upload", [JOKES / f"{split}.jsonl" for split in ("train", "valid", "test")])
+    page.wait_text("data-status", "no errors")
+    report = page.text("check-report")
+    assert "train.jsonl: completions, 6 example(s)" in report and "leakage" in report and "tokens per example" in report
+    assert '<mark class="trained">德哥' in page.find("#examples").get_attribute("innerHTML")
+    page.shot("data", docs=True)
+
+    page.tab("Train")
+    for elem_id, value in (("run-name", "jokes"), ("iters", 200), ("batch-size", 2), ("learning-rate", "0.0001")):
+        page.fill(elem_id, value)
+    page.open_accordion("Advanced")
+    for elem_id, value in (("steps-per-report", 10), ("steps-per-eval", 50), ("val-batches", -1), ("save-every", 200)):
+        page.fill(elem_id, value)
+    page.click("start")
+    page.wait(lambda: iteration_shown(page) >= 20, 240, "20 iterations")
+    first_chart = chart_svg(page)
+    # Closing the page does not stop the run; a new page finds it again.
+    page.open(server.url)
+    page.tab("Train")
+    assert page.text("run-name") == "jokes" and page.text("iters") == "200"
+    page.wait(lambda: iteration_shown(page) >= 40 and "running" in page.text("progress"), 120, "40 iterations")
+    assert chart_svg(page) != first_chart  # the chart follows metrics.jsonl
+    page.click("stop")
+    page.wait_text("progress", "stopped", 120)
+    stopped_at = int(page.wait_text("console", "Stopped at iteration").split("Stopped at iteration ")[1].split(";")[0])
+    assert (workspace / "runs" / "jokes" / "checkpoints" / f"{stopped_at:07d}" / "trainer_state.pt").is_file()
+    page.click("resume")
+    page.wait_text("console", f"resuming after iteration {stopped_at}", 120)
+    page.wait_text("progress", "finished", 480)
+    assert "tokens/s" in page.text("progress") and "validation loss" in page.text("progress")
+    page.shot("train", docs=True)
+
+    page.tab("Test")
+    page.click("run-test")
+    summary = page.wait_text("test-summary", "What the loss means", 300)
+    assert "| exact answers | 6/6 |" in summary.replace("\n", " | ") or "exact answers 6/6" in summary, summary
+    assert "perplexity" in summary and "general knowledge kept" in summary
+    page.shot("test", docs=True)
+
+    page.tab("Chat")
+    page.fill("chat-input", "谁是最帅的地球人")
+    page.click("chat-send")
+    page.wait_text("chat-info", "base:", 180)
+    replies = page.find("#chat-adapter").find_elements("css selector", "[data-testid='bot']")
+    assert replies and replies[-1].text.strip() == "德哥", [r.text for r in replies]
+    assert "stopped at <|im_end|>" in page.text("chat-info").split("\n")[0]
+    page.shot("chat", docs=True)
+
+    page.tab("Ship")
+    page.click("export-ollama")
+    command = page.wait_text("ollama-command", "ollama create jokes -f", 600)
+    modelfile = (workspace / "ship" / "jokes" / "jokes-ollama" / "Modelfile").read_text(encoding="utf-8")
+    assert "FROM ./jokes.gguf" in modelfile and "PARAMETER stop" in modelfile and str(workspace) in command
+    assert "FROM ./jokes.gguf" in page.text("modelfile")
+    for link in page.find("#ship-files").find_elements("css selector", "a[download]"):
+        link.click()
+    downloads = tmp_path / "downloads"
+    page.wait(lambda: {p.name for p in downloads.glob("*") if not p.name.endswith(".crdownload")} >= {"Modelfile", "jokes.gguf"},
+              180, "the downloads")
+    assert (downloads / "Modelfile").read_text(encoding="utf-8") == modelfile
+    assert (downloads / "jokes.gguf").read_bytes()[:4] == b"GGUF"
+    page.shot("ship", docs=True)
+    assert page.outside_requests(server.url) == []

@@ -44,7 +44,9 @@ def build(workspace: Path) -> gr.Blocks:
             with gr.Tab("Ship", id="ship"):
                 _ship_tab(workspace, train_tab)
         _wire_data(workspace, data_tab, train_tab)
-        page.load(lambda: _latest_run(workspace), outputs=[train_tab.run_name])
+        # A reopened page shows the latest run again, with the options it was started with.
+        page.load(lambda: _restore(workspace), outputs=[train_tab.run_name, data_tab.folder, train_tab.model_kind,
+                                                        train_tab.model_path, *train_tab.options])
     return page
 
 
@@ -56,9 +58,16 @@ def _model_spec(kind: str, path: str) -> str | None:
     return path.strip()
 
 
-def _latest_run(workspace: Path) -> str:
+def _restore(workspace: Path) -> list:
     found = runs.list_runs(workspace / "runs")
-    return found[0].name if found else "run1"
+    if not found:
+        return [gr.skip()] * (4 + len(runs.PAGE_OPTIONS))
+    options = runs.read_run(found[0])["options"]
+    model = options.get("model")
+    kind = EMBEDDED if not model else ".gguf file" if model.endswith(".gguf") else (
+        "local directory" if Path(model).expanduser().exists() else "Hub id")
+    return [found[0].name, options.get("data", ""), kind, model or "",
+            *(options.get(name, gr.skip()) for name in runs.PAGE_OPTIONS)]
 
 
 def _run_dir(workspace: Path, name: str) -> Path:
@@ -201,10 +210,10 @@ def _train_tab(workspace: Path, data_tab: SimpleNamespace) -> SimpleNamespace:
         t.num_layers = gr.Number(d.num_layers, label="Layers (from the top, -1: all)", precision=0)
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            t.steps_per_report = gr.Number(d.steps_per_report, label="Steps per report", precision=0)
-            t.steps_per_eval = gr.Number(d.steps_per_eval, label="Steps per validation", precision=0)
-            t.val_batches = gr.Number(d.val_batches, label="Validation batches (-1: all)", precision=0)
-            t.save_every = gr.Number(d.save_every, label="Save every", precision=0)
+            t.steps_per_report = gr.Number(d.steps_per_report, label="Steps per report", precision=0, elem_id="steps-per-report")
+            t.steps_per_eval = gr.Number(d.steps_per_eval, label="Steps per validation", precision=0, elem_id="steps-per-eval")
+            t.val_batches = gr.Number(d.val_batches, label="Validation batches (-1: all)", precision=0, elem_id="val-batches")
+            t.save_every = gr.Number(d.save_every, label="Save every", precision=0, elem_id="save-every")
             t.max_seq_length = gr.Number(d.max_seq_length, label="Max sequence length", precision=0)
             t.seed = gr.Number(d.seed, label="Seed", precision=0)
         with gr.Row():
@@ -274,7 +283,7 @@ def _progress_html(state: runs.RunStatus) -> str:
     if state.state == "none":
         return "<p>No run yet: choose data, set the options and press Start.</p>"
     share = min(state.iteration / max(state.iters, 1), 1.0)
-    facts = [f"<b>{state.state}</b>", f"iteration {state.iteration}/{state.iters}"]
+    facts = [f"iteration {state.iteration}/{state.iters}"]
     if state.eta_seconds is not None:
         minutes, seconds = divmod(int(state.eta_seconds), 60)
         facts.append(f"ETA {minutes}m{seconds:02d}s")
@@ -285,7 +294,7 @@ def _progress_html(state: runs.RunStatus) -> str:
     if state.val_loss:
         facts.append(f"validation loss {state.val_loss[-1][1]:.3f}")
     return (f'<div class="bar"><div class="fill" style="width:{100 * share:.1f}%"></div></div>'
-            f'<p id="progress-text">{html.escape(" · ".join(facts), quote=False).replace("&lt;b&gt;", "<b>").replace("&lt;/b&gt;", "</b>")}</p>')
+            f'<p><b>{state.state}</b> · {html.escape(" · ".join(facts))}</p>')
 
 
 def _loss_frame(state: runs.RunStatus):
