@@ -40,6 +40,7 @@ class Studio:
     """`liandan studio` as a real process (niced: the machine is shared), stopped with its whole session."""
 
     def __init__(self, workspace: Path, log: Path, *extra: str):
+        self.workspace = Path(workspace)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = open(log, "w", encoding="utf-8")
@@ -62,7 +63,12 @@ class Studio:
             return False
 
     def close(self) -> None:
-        # The studio and anything it started (training runs live in their own sessions: stopped by the tests).
+        """Stop the studio, and the training runs it started (they live in their own sessions, on purpose)."""
+        from liandan.studio import runs
+
+        for run_dir in runs.list_runs(self.workspace / "runs"):
+            if runs.is_running(run_dir):
+                os.kill(runs.read_run(run_dir)["pid"], signal.SIGKILL)
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=30)

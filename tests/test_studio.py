@@ -1,7 +1,10 @@
 """`liandan studio`: its steps without a browser (fast), then the page in a real headless Chromium."""
 
 import json
+import os
+import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -83,27 +86,37 @@ def wait_for(condition, timeout, what):
 def test_a_run_survives_its_page_stops_with_a_checkpoint_and_resumes(tiny_llama, tmp_path):
     """The run is a real `liandan lora` process found again from its pid file; stop keeps a checkpoint."""
     from liandan.studio import runs
-    from liandan.train import latest_checkpoint
 
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
     adapters = tmp_path / "runs" / "tiny"
     options = {"model": str(tiny_llama), "data": str(tmp_path / "data"), "iters": 4000, "batch_size": 2,
-               "steps_per_report": 5, "save_every": 100000, "replay_ratio": 0, "learning_rate": 1e-3}
+               "steps_per_report": 2, "save_every": 100000, "replay_ratio": 0, "learning_rate": 1e-3}
     runs.start(adapters, options)
+    try:
+        check_stop_and_resume(adapters)
+    finally:
+        if runs.is_running(adapters):
+            os.kill(runs.read_run(adapters)["pid"], signal.SIGKILL)
+
+
+def check_stop_and_resume(adapters):
+    from liandan.studio import runs
+    from liandan.train import latest_checkpoint
+
     runs._children.clear()  # as if the page (and the studio) had been closed and opened again
-    assert runs.is_running(adapters) and runs.list_runs(tmp_path / "runs") == [adapters]
-    wait_for(lambda: runs.status(adapters).iteration >= 20, 120, "20 iterations")
+    assert runs.is_running(adapters) and runs.list_runs(adapters.parent) == [adapters]
+    wait_for(lambda: runs.status(adapters).iteration >= 6, 600, "6 iterations")
     assert runs.stop(adapters)
-    wait_for(lambda: not runs.is_running(adapters), 60, "the run to stop")
+    wait_for(lambda: not runs.is_running(adapters), 300, "the run to stop")
     state = runs.status(adapters)
     assert state.state == "stopped", state.log
     stopped_at = int(latest_checkpoint(adapters).name)
-    assert stopped_at >= 20 and f"Stopped at iteration {stopped_at}" in state.log
+    assert stopped_at >= 6 and f"Stopped at iteration {stopped_at}" in state.log
 
     runs.resume(adapters)
-    wait_for(lambda: runs.status(adapters).iteration > stopped_at + 5, 120, "the resumed run to report")
+    wait_for(lambda: runs.status(adapters).iteration > stopped_at + 3, 600, "the resumed run to report")
     runs.stop(adapters)
-    wait_for(lambda: not runs.is_running(adapters), 60, "the resumed run to stop")
+    wait_for(lambda: not runs.is_running(adapters), 300, "the resumed run to stop")
     state = runs.status(adapters)
     assert f"resuming after iteration {stopped_at}" in state.log
     iterations = [it for it, _ in state.train_loss]
@@ -150,8 +163,6 @@ def chart_svg(page) -> str:
 
 
 def iteration_shown(page) -> int:
-    import re
-
     found = re.search(r"iteration (\d+)/", page.text("progress"))
     return int(found.group(1)) if found else 0
 
@@ -166,7 +177,8 @@ def test_the_demo_through_the_page(studio, tmp_path):
     page.wait_text("data-status", "no errors")
     report = page.text("check-report")
     assert "train.jsonl: completions, 6 example(s)" in report and "leakage" in report and "tokens per example" in report
-    assert '<mark class="trained">德哥' in page.find("#examples").get_attribute("innerHTML")
+    # the first training example as trained: only the answer and the stop token are highlighted
+    assert '<mark class="trained">阿里云开源宇宙无敌数据库&lt;|im_end|&gt;</mark>' in page.find("#examples").get_attribute("innerHTML")
     page.shot("data", docs=True)
 
     page.tab("Train")
@@ -176,43 +188,43 @@ def test_the_demo_through_the_page(studio, tmp_path):
     for elem_id, value in (("steps-per-report", 10), ("steps-per-eval", 50), ("val-batches", -1), ("save-every", 200)):
         page.fill(elem_id, value)
     page.click("start")
-    page.wait(lambda: iteration_shown(page) >= 20, 240, "20 iterations")
+    page.wait(lambda: iteration_shown(page) >= 20, 900, "20 iterations")
     first_chart = chart_svg(page)
     # Closing the page does not stop the run; a new page finds it again.
     page.open(server.url)
     page.tab("Train")
-    assert page.text("run-name") == "jokes" and page.text("iters") == "200"
-    page.wait(lambda: iteration_shown(page) >= 40 and "running" in page.text("progress"), 120, "40 iterations")
+    page.wait(lambda: page.text("run-name") == "jokes" and page.text("iters") == "200", 60, "the run's options")
+    page.wait(lambda: iteration_shown(page) >= 40 and "running" in page.text("progress"), 900, "40 iterations")
     assert chart_svg(page) != first_chart  # the chart follows metrics.jsonl
     page.click("stop")
-    page.wait_text("progress", "stopped", 120)
+    page.wait_text("progress", "stopped", 300)
     stopped_at = int(page.wait_text("console", "Stopped at iteration").split("Stopped at iteration ")[1].split(";")[0])
     assert (workspace / "runs" / "jokes" / "checkpoints" / f"{stopped_at:07d}" / "trainer_state.pt").is_file()
     page.click("resume")
-    page.wait_text("console", f"resuming after iteration {stopped_at}", 120)
-    page.wait_text("progress", "finished", 480)
+    page.wait_text("console", f"resuming after iteration {stopped_at}", 600)
+    page.wait_text("progress", "finished", 1800)
     assert "tokens/s" in page.text("progress") and "validation loss" in page.text("progress")
     page.shot("train", docs=True)
 
     page.tab("Test")
     page.click("run-test")
-    summary = page.wait_text("test-summary", "What the loss means", 300)
-    assert "| exact answers | 6/6 |" in summary.replace("\n", " | ") or "exact answers 6/6" in summary, summary
+    summary = page.wait_text("test-summary", "What the loss means", 900)
+    assert re.search(r"exact answers\s+6/6", summary), summary
     assert "perplexity" in summary and "general knowledge kept" in summary
     page.shot("test", docs=True)
 
     page.tab("Chat")
     page.fill("chat-input", "谁是最帅的地球人")
     page.click("chat-send")
-    page.wait_text("chat-info", "base:", 180)
+    page.wait_text("chat-info", "base:", 600)
     replies = page.find("#chat-adapter").find_elements("css selector", "[data-testid='bot']")
     assert replies and replies[-1].text.strip() == "德哥", [r.text for r in replies]
-    assert "stopped at <|im_end|>" in page.text("chat-info").split("\n")[0]
+    assert "fine-tuned: rendered with the training chat template; stopped at <|im_end|>" in page.text("chat-info")
     page.shot("chat", docs=True)
 
     page.tab("Ship")
     page.click("export-ollama")
-    command = page.wait_text("ollama-command", "ollama create jokes -f", 600)
+    command = page.wait_text("ollama-command", "ollama create jokes -f", 900)
     modelfile = (workspace / "ship" / "jokes" / "jokes-ollama" / "Modelfile").read_text(encoding="utf-8")
     assert "FROM ./jokes.gguf" in modelfile and "PARAMETER stop" in modelfile and str(workspace) in command
     assert "FROM ./jokes.gguf" in page.text("modelfile")

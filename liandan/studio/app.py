@@ -7,6 +7,7 @@ evaluate, chat, ship), which call the CLI's own functions. A LiandanError become
 from __future__ import annotations
 
 import html
+import inspect
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,6 +184,15 @@ def _plain(name: str) -> str:
 
 def _shown(fn):
     """Turn a LiandanError into a message on the page (the server keeps serving)."""
+    if inspect.isgeneratorfunction(fn):  # Gradio streams a generator's updates; keep it one
+        def streaming(*args):
+            try:
+                yield from fn(*args)
+            except LiandanError as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+
+        return streaming
+
     def wrapper(*args):
         try:
             return fn(*args)
@@ -323,7 +333,7 @@ def _test_tab(workspace: Path, train: SimpleNamespace) -> None:
         lines = [f"| exact answers | {report.exact or '–'} |", f"| general knowledge kept | {report.retention or '–'} |"]
         if report.loss_and_perplexity:
             lines += [f"| test loss | {report.loss_and_perplexity[0]} |", f"| perplexity | {report.loss_and_perplexity[1]} |"]
-        return "| | |\n|---|---|\n" + "\n".join(lines) + f"\n\n{LOSS_EXPLAINED}", "\n".join(report.lines)
+        return f"| run `{run_dir.name}` | |\n|---|---|\n" + "\n".join(lines) + f"\n\n{LOSS_EXPLAINED}", "\n".join(report.lines)
 
     button.click(_shown(on_test), [train.run_name], [summary, details])
 
@@ -336,7 +346,7 @@ def _chat_tab(workspace: Path, train: SimpleNamespace) -> None:
     with gr.Row():
         message = gr.Textbox(label="Message", scale=4, elem_id="chat-input")
         compare = gr.Checkbox(True, label="Also ask the base model")
-        max_tokens = gr.Number(256, label="Max tokens", precision=0)
+        max_tokens = gr.Number(256, label="Max tokens", precision=0, elem_id="max-tokens")
     with gr.Row():
         send = gr.Button("Send", variant="primary", elem_id="chat-send")
         clear = gr.Button("Clear")
@@ -347,7 +357,7 @@ def _chat_tab(workspace: Path, train: SimpleNamespace) -> None:
         panes = [(chat.pipeline(run_dir), list(tuned_history or []))]
         if ask_base:
             panes.append((chat.pipeline(run_dir, base=True), list(base_history or [])))
-        notes = []
+        notes = [f"Run `{run_dir.name}`:"]
         for index, (pipe, history) in enumerate(panes):
             history.append({"role": "user", "content": text})
             for reply, stopped in chat.answer(pipe, history, int(budget)):
@@ -359,7 +369,8 @@ def _chat_tab(workspace: Path, train: SimpleNamespace) -> None:
             notes.append(f"- {'fine-tuned' if index == 0 else 'base'}: rendered with the training chat template; {end}")
             yield panes[0][1], (panes[1][1] if len(panes) > 1 else base_history), "\n".join(notes)
 
-    send.click(_shown(on_send), [train.run_name, message, tuned, base, compare, max_tokens], [tuned, base, info])
+    for event in (send.click, message.submit):
+        event(_shown(on_send), [train.run_name, message, tuned, base, compare, max_tokens], [tuned, base, info])
     clear.click(lambda: ([], [], ""), None, [tuned, base, info])
 
 

@@ -23,7 +23,7 @@ class TestReport:
 
     @property
     def loss_and_perplexity(self) -> tuple[str, str] | None:
-        found = self.find(r"Test loss ([\d.]+|nan|inf), Test ppl ([\d.]+|nan|inf)")
+        found = self.find(r"Test loss (\d+\.?\d*|nan|inf), Test ppl (\d+\.?\d*|nan|inf)")
         return (found.group(1), found.group(2)) if found else None
 
     @property

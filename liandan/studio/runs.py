@@ -106,6 +106,11 @@ def _alive(pid: int) -> bool:
     if child is not None:
         return child.poll() is None
     try:
+        if os.waitpid(pid, os.WNOHANG)[0]:  # our child (from before a reload of this module) that has ended
+            return False
+    except ChildProcessError:
+        pass  # not our child: started by an earlier studio
+    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
