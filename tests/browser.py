@@ -21,6 +21,12 @@ CHROMEDRIVER = os.environ.get("LIANDAN_CHROMEDRIVER") or shutil.which("chromedri
 DOCS_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "studio"
 
 
+def missing_gradio() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gradio") is None
+
+
 def missing() -> list[str]:
     """What a browser test needs and this machine lacks."""
     import importlib.util
@@ -86,7 +92,7 @@ class Page:
 
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1100",
+        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500",
                     "--disable-gpu", "--lang=en-US"):
             options.add_argument(arg)
         options.add_experimental_option("prefs", {"download.default_directory": str(downloads),

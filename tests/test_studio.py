@@ -123,6 +123,22 @@ def check_stop_and_resume(adapters):
     assert iterations == sorted(iterations) and len(set(iterations)) == len(iterations)  # continued, not restarted
 
 
+def test_api_key_guards_the_page(tmp_path):
+    import httpx
+
+    if browser.missing_gradio():
+        pytest.skip("needs gradio: pip install -e '.[studio]'")
+    server = browser.Studio(tmp_path / "workspace", tmp_path / "studio.log", "--api-key", "s3cret")
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("config").status_code == 401
+            assert client.post("login", data={"username": "me", "password": "wrong"}).status_code == 400
+            assert client.post("login", data={"username": "me", "password": "s3cret"}).status_code == 200
+            assert client.get("config").status_code == 200  # with the session cookie
+    finally:
+        server.close()
+
+
 # ---------------------------------------------------------------- in a real browser
 @pytest.fixture
 def studio(tmp_path):
@@ -171,8 +187,16 @@ def iteration_shown(page) -> int:
 def test_the_demo_through_the_page(studio, tmp_path):
     """Upload the six jokes, check, train 200 iterations (stopped and resumed on the way), test, chat, export."""
     server, page = studio
-    workspace = tmp_path / "workspace"
     page.open(server.url)
+    upload_and_check(page)
+    train_stop_resume(page, server, tmp_path / "workspace" / "runs" / "jokes")
+    read_test_score(page)
+    ask(page)
+    export_and_download(page, tmp_path)
+    assert page.outside_requests(server.url) == []  # offline: every resource came from the studio
+
+
+def upload_and_check(page):
     page.upload("upload", [JOKES / f"{split}.jsonl" for split in ("train", "valid", "test")])
     page.wait_text("data-status", "no errors")
     report = page.text("check-report")
@@ -181,6 +205,8 @@ def test_the_demo_through_the_page(studio, tmp_path):
     assert '<mark class="trained">阿里云开源宇宙无敌数据库&lt;|im_end|&gt;</mark>' in page.find("#examples").get_attribute("innerHTML")
     page.shot("data", docs=True)
 
+
+def train_stop_resume(page, server, run_dir):
     page.tab("Train")
     for elem_id, value in (("run-name", "jokes"), ("iters", 200), ("batch-size", 2), ("learning-rate", "0.0001")):
         page.fill(elem_id, value)
@@ -199,13 +225,15 @@ def test_the_demo_through_the_page(studio, tmp_path):
     page.click("stop")
     page.wait_text("progress", "stopped", 300)
     stopped_at = int(page.wait_text("console", "Stopped at iteration").split("Stopped at iteration ")[1].split(";")[0])
-    assert (workspace / "runs" / "jokes" / "checkpoints" / f"{stopped_at:07d}" / "trainer_state.pt").is_file()
+    assert (run_dir / "checkpoints" / f"{stopped_at:07d}" / "trainer_state.pt").is_file()
     page.click("resume")
     page.wait_text("console", f"resuming after iteration {stopped_at}", 600)
     page.wait_text("progress", "finished", 1800)
     assert "tokens/s" in page.text("progress") and "validation loss" in page.text("progress")
     page.shot("train", docs=True)
 
+
+def read_test_score(page):
     page.tab("Test")
     page.click("run-test")
     summary = page.wait_text("test-summary", "What the loss means", 900)
@@ -213,6 +241,8 @@ def test_the_demo_through_the_page(studio, tmp_path):
     assert "perplexity" in summary and "general knowledge kept" in summary
     page.shot("test", docs=True)
 
+
+def ask(page):
     page.tab("Chat")
     page.fill("chat-input", "谁是最帅的地球人")
     page.click("chat-send")
@@ -222,6 +252,9 @@ def test_the_demo_through_the_page(studio, tmp_path):
     assert "fine-tuned: rendered with the training chat template; stopped at <|im_end|>" in page.text("chat-info")
     page.shot("chat", docs=True)
 
+
+def export_and_download(page, tmp_path):
+    workspace, downloads = tmp_path / "workspace", tmp_path / "downloads"
     page.tab("Ship")
     page.click("export-ollama")
     command = page.wait_text("ollama-command", "ollama create jokes -f", 900)
@@ -230,10 +263,9 @@ def test_the_demo_through_the_page(studio, tmp_path):
     assert "FROM ./jokes.gguf" in page.text("modelfile")
     for link in page.find("#ship-files").find_elements("css selector", "a[download]"):
         link.click()
-    downloads = tmp_path / "downloads"
-    page.wait(lambda: {p.name for p in downloads.glob("*") if not p.name.endswith(".crdownload")} >= {"Modelfile", "jokes.gguf"},
-              180, "the downloads")
+    done = {"Modelfile", "jokes.gguf"}
+    page.wait(lambda: {p.name for p in downloads.glob("*") if not p.name.endswith(".crdownload")} >= done, 180,
+              "the downloads")
     assert (downloads / "Modelfile").read_text(encoding="utf-8") == modelfile
     assert (downloads / "jokes.gguf").read_bytes()[:4] == b"GGUF"
     page.shot("ship", docs=True)
-    assert page.outside_requests(server.url) == []

@@ -113,10 +113,10 @@ def _data_tab(workspace: Path) -> SimpleNamespace:
     return t
 
 
-def _check_outputs(folder: Path, model: str | None, hide: str | None = None, saved: str = "") -> tuple:
-    view = data.check_data(folder, model, hide=hide)
+def _check_outputs(folder: Path, model: str | None, staged: bool = False, saved: str = "") -> tuple:
+    view = data.check_data(folder, model, hide=str(folder))  # the folder is on the page already
     train = Path(folder) / "train.jsonl"
-    examples = data.rendered_examples(train, model) if train.is_file() and not hide else ""
+    examples = data.rendered_examples(train, model) if train.is_file() and not staged else ""
     verdict = (f"✗ {view.errors} error(s), {view.warnings} warning(s)" if view.errors
                else f"✓ no errors, {view.warnings} warning(s)")
     formats = ", ".join(f"{name}: {fmt or 'unknown'}" for name, fmt in view.formats.items())
@@ -139,7 +139,7 @@ def _wire_data(workspace: Path, t: SimpleNamespace, train: SimpleNamespace) -> N
             names = ", ".join(p.name for p in sorted(staging.iterdir()))
             return (f"Tables read without errors: {names}. Turn them into train/valid/test.jsonl with **Prepare** below.",
                     "", "", gr.skip(), str(staging))
-        status, report, _ = _check_outputs(staging, spec, hide=str(staging))
+        status, report, _ = _check_outputs(staging, spec, staged=True)
         if status.startswith("**✗"):
             shutil.rmtree(staging)
             return status + "; nothing was saved", report, "", gr.skip(), None
@@ -286,7 +286,20 @@ def _wire_train(workspace: Path, t: SimpleNamespace) -> None:
     t.stop.click(_shown(on_stop), [t.run_name], outputs)
     t.resume.click(_shown(on_resume), [t.run_name], outputs)
     t.run_name.change(show, [t.run_name], outputs)
-    gr.Timer(2.0).tick(show, [t.run_name], outputs)
+    shown = gr.State(None)
+
+    def refresh(name, last):
+        """The timer's update: nothing is sent while nothing changed (the chart is redrawn only when it did)."""
+        try:
+            state = runs.status(_run_dir(workspace, name))
+        except LiandanError:
+            return gr.skip(), gr.skip(), gr.skip(), last
+        now = (name, state.state, len(state.train_loss), len(state.val_loss), len(state.log))
+        if now == last:
+            return gr.skip(), gr.skip(), gr.skip(), last
+        return _progress_html(state), _loss_frame(state), state.log, now
+
+    gr.Timer(2.0).tick(refresh, [t.run_name, shown], [*outputs, shown])
 
 
 def _progress_html(state: runs.RunStatus) -> str:
@@ -365,7 +378,7 @@ def _chat_tab(workspace: Path, train: SimpleNamespace) -> None:
                 out = [shown, base_history] if index == 0 else [panes[0][1], shown]
                 yield *out, "\n".join(notes)
             history.append({"role": "assistant", "content": reply})
-            end = f"stopped at {' / '.join(chat.stop_tokens(pipe))}" if stopped else f"no stop token within {budget} tokens"
+            end = f"stopped at `{' / '.join(chat.stop_tokens(pipe))}`" if stopped else f"no stop token within {budget} tokens"
             notes.append(f"- {'fine-tuned' if index == 0 else 'base'}: rendered with the training chat template; {end}")
             yield panes[0][1], (panes[1][1] if len(panes) > 1 else base_history), "\n".join(notes)
 

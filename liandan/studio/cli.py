@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hmac
 import os
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     page = build(workspace)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"liandan studio: listening on {args.host} without --api-key: anyone who can reach this port can use it")
-    auth = (lambda _user, password: password == args.api_key) if args.api_key else None
+    auth = (lambda _user, password: hmac.compare_digest(password, args.api_key)) if args.api_key else None
     print(f"liandan studio: http://{args.host}:{args.port}  (workspace {workspace.resolve()}; Ctrl-C stops the page, "
           "not the training runs)", flush=True)
     page.queue().launch(server_name=args.host, server_port=args.port, auth=auth, ssr_mode=False, show_error=True,
