@@ -22,6 +22,7 @@ COMMANDS = {
     "chat": ("liandan.chat", "Chat with a model or adapter in the terminal (multi-turn, streamed)"),
     "serve": ("liandan.serve", "An OpenAI-compatible HTTP API (binds 127.0.0.1 unless told otherwise)"),
     "demo": ("liandan.demo", "The seed's joke dataset, end to end, on the embedded model"),
+    "studio": ("liandan.studio.cli", "The whole workflow in a local web page (needs liandan[studio])"),
 }
 
 

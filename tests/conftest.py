@@ -62,14 +62,16 @@ def liandan(*args, cwd=None, timeout=600):
 
 
 def pytest_collection_modifyitems(config, items):
-    """With LIANDAN_REQUIRE_ALL=1 (CI), a missing llama.cpp or Go fails the run instead of skipping checks."""
+    """With LIANDAN_REQUIRE_ALL=1 (CI), a missing llama.cpp, Go or browser fails the run instead of skipping checks."""
     if os.environ.get("LIANDAN_REQUIRE_ALL") != "1":
         return
     import importlib.util
     import shutil
 
+    import browser
+
     missing = [name for name, ok in (("llama-cpp-python", importlib.util.find_spec("llama_cpp")), ("go", shutil.which("go")))
-               if not ok]
+               if not ok] + browser.missing()
     if missing:
         raise pytest.UsageError(f"LIANDAN_REQUIRE_ALL=1 but {', '.join(missing)} missing: run scripts/setup.sh --test")
 

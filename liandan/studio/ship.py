@@ -1,0 +1,49 @@
+"""The Ship tab: `liandan fuse`, `liandan export gguf` and `liandan export ollama` on a run's adapter."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from pathlib import Path
+
+from liandan.errors import LiandanError
+
+
+def fused_dir(ship_dir: Path) -> Path:
+    return Path(ship_dir) / "fused_model"
+
+
+def fuse_run(adapter_dir: Path, ship_dir: Path) -> str:
+    from liandan.fuse import fuse
+
+    said = []
+    fuse(None, Path(adapter_dir), fused_dir(ship_dir), log=said.append)
+    return "\n".join(said)
+
+
+def _fused(ship_dir: Path) -> Path:
+    fused = fused_dir(ship_dir)
+    if not (fused / "liandan.json").is_file():
+        raise LiandanError(f"{fused}: fuse the adapter first")
+    return fused
+
+
+def export_gguf(ship_dir: Path, outtype: str) -> Path:
+    """`liandan export gguf --model FUSED --outfile ... --outtype ...` (the CLI's own function)."""
+    from liandan.export.cli import main
+
+    outfile = Path(ship_dir) / f"model-{outtype}.gguf"
+    main(argparse.Namespace(target="gguf", model=str(_fused(ship_dir)), adapter_path=None, outfile=str(outfile),
+                            outtype=outtype))
+    return outfile
+
+
+def export_ollama(ship_dir: Path, name: str, outtype: str) -> tuple[Path, Path, str]:
+    """`liandan export ollama`: (Modelfile, GGUF, the `ollama create` command to copy)."""
+    from liandan.export.cli import main
+
+    out = Path(ship_dir) / f"{name}-ollama"
+    main(argparse.Namespace(target="ollama", model=str(_fused(ship_dir)), name=name, out=str(out), system=None,
+                            outtype=outtype))
+    modelfile = out / "Modelfile"
+    return modelfile, out / f"{name}.gguf", f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile.resolve()))}"
