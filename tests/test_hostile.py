@@ -221,3 +221,12 @@ def test_data_prepare_onto_existing_data(tmp_path):
     result = liandan("data", "prepare", source, "--out", data, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert (data / "notes.txt").read_text() == "mine" and snapshot(data)["train.jsonl"] != before["train.jsonl"]
+
+
+def test_progress_is_reported_while_a_file_is_read(tmp_path, monkeypatch, capsys):
+    from liandan.data.check import Progress, check_file
+    from liandan.data.formats import FieldNames
+
+    monkeypatch.setattr(Progress, "EVERY", 0.0)  # every line, instead of every 5 s
+    check_file(write_jsonl(tmp_path / "train.jsonl", [GOOD] * 3), None, 2048, FieldNames())
+    assert "liandan data check: train.jsonl: line 3, 100% read" in capsys.readouterr().err
