@@ -221,3 +221,23 @@ def test_data_prepare_onto_existing_data(tmp_path):
     result = liandan("data", "prepare", source, "--out", data, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert (data / "notes.txt").read_text() == "mine" and snapshot(data)["train.jsonl"] != before["train.jsonl"]
+
+
+def test_progress_is_reported_while_a_file_is_read(tmp_path, monkeypatch, capsys):
+    from liandan.data.check import Progress, check_file
+    from liandan.data.formats import FieldNames
+
+    monkeypatch.setattr(Progress, "EVERY", 0.0)  # every line, instead of every 5 s
+    check_file(write_jsonl(tmp_path / "train.jsonl", [GOOD] * 3), None, 2048, FieldNames())
+    assert "liandan data check: train.jsonl: line 3, 100% read" in capsys.readouterr().err
+
+
+def test_bad_csv_for_prepare_is_an_input_error(tmp_path):
+    from liandan.data.prepare import read_rows
+
+    (tmp_path / "bad.csv").write_bytes(b'question,answer\nq1,a1\nq2,"\xff"\n')
+    (tmp_path / "big.csv").write_text('question,answer\nq,"' + "x" * 200_000 + '"\n')
+    with pytest.raises(LiandanError, match="bad.csv: not valid UTF-8"):
+        list(read_rows(tmp_path / "bad.csv"))
+    with pytest.raises(LiandanError, match="big.csv:2: invalid CSV: field larger than field limit"):
+        list(read_rows(tmp_path / "big.csv"))

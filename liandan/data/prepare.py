@@ -45,8 +45,13 @@ def read_rows(path: Path):
     elif suffix == ".csv":
         open_regular(path).close()
         with open(path, encoding="utf-8-sig", newline="") as f:
-            for n, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield n, row
+            reader = csv.DictReader(f)
+            try:
+                yield from enumerate(reader, start=2)  # line 1 is the header
+            except UnicodeDecodeError:
+                raise LiandanError(f"{path}: not valid UTF-8; save the file as UTF-8") from None
+            except csv.Error as exc:
+                raise LiandanError(f"{path}:{reader.line_num + 1}: invalid CSV: {exc}") from None
     elif suffix == ".parquet":
         open_regular(path).close()
         try:
