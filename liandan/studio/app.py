@@ -89,10 +89,13 @@ def _data_tab(workspace: Path) -> SimpleNamespace:
             t.folder = gr.Textbox(label="Data folder (train.jsonl, valid.jsonl, test.jsonl)", elem_id="data-folder")
             t.check = gr.Button("Check", elem_id="check")
     t.status = gr.Markdown(elem_id="data-status")
-    t.report = gr.Textbox(label="liandan data check", lines=14, max_lines=40, interactive=False, elem_id="check-report")
-    gr.Markdown("**Training examples as the model sees them** (chat template and stop token included; "
-                "<mark class='trained'>highlighted</mark>: the tokens trained on)")
-    t.examples = gr.HTML(elem_id="examples")
+    with gr.Row():
+        t.report = gr.Textbox(label="liandan data check", lines=14, max_lines=22, interactive=False, scale=3,
+                              elem_id="check-report")
+        with gr.Column(scale=2):
+            gr.Markdown("**Training examples as the model sees them** (chat template and stop token included; "
+                        "<mark class='trained'>highlighted</mark>: the tokens trained on)")
+            t.examples = gr.HTML(elem_id="examples")
     with gr.Accordion("Prepare: tables with any field names → train/valid/test.jsonl", open=False):
         with gr.Row():
             t.fmt = gr.Radio(["completions", "chat", "text"], value="completions", label="Format")
