@@ -6,8 +6,9 @@ tensor (the "_M" mixes keep attention values and the FFN down projection at more
 writes its own f16 GGUF, hands it to `llama_model_quantize`, and deletes it again.
 
 k-quant blocks are 256 values wide. A tensor whose rows are not a multiple of 256 gets llama.cpp's
-fallback type instead (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, Q2_K/Q3_K → IQ4_NL); SmolLM2-135M's
-hidden size is 576, so most of its tensors do. `export` prints the types each file really holds.
+fallback type instead (in llama-cpp-python 0.3.36: Q2_K/Q3_K → Q4_0, Q4_K → Q5_0, Q5_K → Q5_1,
+Q6_K → Q8_0); SmolLM2-135M's hidden size is 576, so all its tensors but the FFN down projections do.
+`export` prints the types each file really holds.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ OUTTYPES: dict[str, str | None] = {
 QUANTIZER_INPUT = "f16"  # what llama.cpp's own workflow quantizes from (convert_hf_to_gguf → llama-quantize)
 INSTALL_LLAMA = "pip install 'liandan[llama]' (in a checkout: pip install -e '.[llama]')"
 OUTTYPE_HELP = ", ".join(OUTTYPES)
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum (the table in llama_cpp/_logger.py predates DEBUG moving to 1)
 
 
 def check_outtype(outtype: str) -> str:
@@ -93,7 +95,7 @@ def quantize_file(llama_cpp, source: Path, target: Path, outtype: str) -> None:
     with _captured_log(llama_cpp) as errors:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0:
-        reason = " ".join(" ".join(errors).split()) or f"status {status}"
+        reason = "; ".join(e for e in errors if e) or f"status {status}"
         raise LiandanError(f"llama.cpp could not quantize {source.name} to {outtype}: {reason}")
 
 
@@ -104,8 +106,8 @@ def _captured_log(llama_cpp):
 
     @llama_cpp.llama_log_callback
     def collect(level, text, _user_data):
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
-            errors.append(text.decode("utf-8", "replace"))
+        if level == GGML_LOG_LEVEL_ERROR:
+            errors.append(text.decode("utf-8", "replace").strip())
 
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     try:
