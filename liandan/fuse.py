@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from liandan.errors import LiandanError
+from liandan.export.quantize import OUTTYPE_HELP
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--save-path", default="fused_model", help="Where to write the fused model (default: fused_model)")
     parser.add_argument("--export-gguf", action="store_true", help="Also write a GGUF file for llama.cpp / Ollama")
     parser.add_argument("--gguf-path", default=None, help="GGUF file (default: SAVE_PATH/ggml-model-f16.gguf)")
-    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type (default f16)")
+    parser.add_argument("--outtype", default="f16", help=f"GGUF tensor type: {OUTTYPE_HELP} (default f16)")
     parser.add_argument("--dequantize", action="store_true",
                         help="Accepted for mlx_lm compatibility: liandan always fuses into dequantized weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
@@ -83,13 +84,15 @@ def _saved_dtype(model_dir: Path):
 def main(args: argparse.Namespace) -> int:
     from liandan.data.render import Rendering
     from liandan.export.gguf import export_gguf
-
     from liandan.atomic import check_output
+    from liandan.export.quantize import usable_outtype
 
     if not Path(args.adapter_path).is_dir():
         raise LiandanError(f"--adapter-path {args.adapter_path}: not a directory")
-    if args.export_gguf and args.gguf_path:
-        check_output(args.gguf_path, "--gguf-path", {"--adapter-path": Path(args.adapter_path)}, args.overwrite)
+    if args.export_gguf:
+        args.outtype = usable_outtype(args.outtype)  # a bad --outtype stops before the merge, not after it
+        if args.gguf_path:
+            check_output(args.gguf_path, "--gguf-path", {"--adapter-path": Path(args.adapter_path)}, args.overwrite)
     record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code,
                   overwrite=args.overwrite)
     if args.export_gguf:

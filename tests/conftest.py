@@ -29,6 +29,11 @@ def tiny_llama_calm():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_k():
+    return fixtures.tiny_llama_k()
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2():
     return fixtures.tiny_qwen2()
 

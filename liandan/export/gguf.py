@@ -24,6 +24,7 @@ import numpy as np
 
 from liandan.atomic import atomic_path
 from liandan.errors import LiandanError
+from liandan.export.quantize import OUTTYPES, check_outtype
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,6 @@ PRE_TOKENIZERS = {
     "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
     "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",
 }
-
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 @dataclass
@@ -239,8 +238,11 @@ def export_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", chat_templ
     import gguf
 
     model_dir, outfile = Path(model_dir), Path(outfile)
-    if outtype not in OUTTYPES:
-        raise LiandanError(f"--outtype {outtype}: expected one of {', '.join(OUTTYPES)}")
+    outtype = check_outtype(outtype)
+    if OUTTYPES[outtype]:  # a k-quant or legacy quant: llama.cpp's quantizer makes it from this writer's f16
+        from liandan.export.quantize import export_quantized
+
+        return export_quantized(model_dir, outfile, outtype, chat_template, stop_tokens, name, log)
     config = read_config(model_dir)
     hf_arch, spec = arch_of(config)
     arch = getattr(gguf.MODEL_ARCH, spec.gguf_arch)
@@ -341,6 +343,9 @@ def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log
     from liandan.models import resolve_model
 
     adapter_dir, outfile = Path(adapter_dir), Path(outfile)
+    if OUTTYPES[check_outtype(outtype)]:
+        raise LiandanError(f"--outtype {outtype}: a LoRA adapter GGUF is written in f32, f16 or bf16 (llama.cpp applies "
+                           "adapters unquantized); quantize the base model's GGUF instead")
     record = read_record(adapter_dir)
     if record.get("fine_tune_type") in ("dora", "full"):
         raise LiandanError(f"{adapter_dir}: a {record['fine_tune_type']} adapter has no llama.cpp adapter format; "
