@@ -230,6 +230,7 @@ def train_stop_resume(page, server, run_dir):
     page.wait_text("console", f"resuming after iteration {stopped_at}", 600)
     page.wait_text("progress", "finished", 1800)
     assert "tokens/s" in page.text("progress") and "validation loss" in page.text("progress")
+    assert "with 2 values: train, validation" in chart_svg(page)  # both curves, in the chart's legend
     page.shot("train", docs=True)
 
 

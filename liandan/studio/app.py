@@ -19,6 +19,7 @@ from liandan.studio import chat, data, evaluate, runs, ship
 
 EMBEDDED = "embedded SmolLM2-135M-Instruct"
 MODEL_KINDS = (EMBEDDED, "local directory", ".gguf file", "Hub id")
+SERIES_COLORS = {"train": "#2563eb", "validation": "#f97316"}
 CSS = """
 #check-report textarea, #console textarea, #test-report textarea { font-family: var(--font-mono); font-size: 0.85em; }
 .example pre { white-space: pre-wrap; font-size: 0.9em; margin: 0 0 0.6em; }
@@ -245,8 +246,8 @@ def _train_tab(workspace: Path, data_tab: SimpleNamespace) -> SimpleNamespace:
         t.stop = gr.Button("Stop (keeps a checkpoint)", variant="stop", elem_id="stop")
         t.resume = gr.Button("Resume", elem_id="resume")
     t.progress = gr.HTML(elem_id="progress")
-    t.chart = gr.LinePlot(x="iteration", y="loss", color="series", title="Loss (mean NLL per trained token)",
-                          height=300, elem_id="loss-chart")
+    t.chart = gr.LinePlot(x="iteration", y="loss", color="series", color_map=SERIES_COLORS,
+                          label="Loss (mean NLL per trained token)", elem_id="loss-chart")
     t.console = gr.Textbox(label="Console (liandan lora)", lines=12, max_lines=12, autoscroll=True, interactive=False,
                            elem_id="console")
     t.options = [getattr(t, name) for name in runs.PAGE_OPTIONS]
@@ -327,7 +328,11 @@ def _loss_frame(state: runs.RunStatus):
     import pandas as pd
 
     rows = [(it, loss, "train") for it, loss in state.train_loss] + [(it, loss, "validation") for it, loss in state.val_loss]
-    return pd.DataFrame(rows, columns=["iteration", "loss", "series"])
+    # Gradio 6's chart keeps the series of the first frame with data: name both from the start (a blank point).
+    rows += [(1, float("nan"), series) for series, points in (("train", state.train_loss), ("validation", state.val_loss))
+             if not points]
+    # Numeric types even when empty: the chart keeps the axis types of the first frame it gets.
+    return pd.DataFrame(rows, columns=["iteration", "loss", "series"]).astype({"iteration": "int64", "loss": "float64"})
 
 
 # ---------------------------------------------------------------- Test
