@@ -37,6 +37,8 @@ def main(args: argparse.Namespace) -> int:
     if args.target == "gguf":
         from liandan.export.gguf import export_gguf, export_lora_gguf
 
+        if args.adapter_path and args.check:
+            raise LiandanError("--check measures a whole model; for an adapter, `liandan fuse` it and check the fused model")
         if args.adapter_path:
             export_lora_gguf(Path(args.adapter_path), Path(args.outfile), args.outtype)
             return 0
