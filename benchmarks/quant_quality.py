@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/quant_quality.py [--adapter-path liandan-demo/adapters] [--data DIR]
 
 Fuses the adapter (made by `liandan demo`), writes one GGUF per type with `liandan export gguf`'s
-code (k-quants and q4_0/q5_0 by llama.cpp's quantizer), and for each file, in llama.cpp:
+code (k-quants and q4_0/q5_0 by llama.cpp's quantizer from one f16 file), and for each file, in llama.cpp:
 
 * perplexity of the validation set's trained tokens (export/quality.py; the demo's valid.jsonl), vs f32;
 * the demo's six questions, rendered with the adapter's recorded chat template and tokenized by
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 TYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2_k")
@@ -50,6 +49,7 @@ def main() -> None:
 
 
 def measure(args, work: Path) -> None:
+    import llama_cpp
     from transformers import AutoTokenizer
 
     from liandan.adapters import read_record
@@ -58,7 +58,7 @@ def measure(args, work: Path) -> None:
     from liandan.demo import QUESTIONS_FILE, example_dir
     from liandan.export.gguf import export_gguf
     from liandan.export.quality import gguf_perplexity, validation_items
-    from liandan.export.quantize import tensor_types
+    from liandan.export.quantize import OUTTYPES, quantize_file, tensor_types
     from liandan.fuse import fuse
 
     fused = work / "fused"
@@ -70,12 +70,17 @@ def measure(args, work: Path) -> None:
     items, where = validation_items(fused, args.data)
     questions = [(e.messages[0]["content"], e.messages[1]["content"]) for e in read_jsonl(example_dir() / QUESTIONS_FILE).examples]
 
+    # llama.cpp's types are made from one f16 file, as `export gguf` does for each (it writes the f16 first).
+    f16 = export_gguf(fused, work / "f16.gguf", "f16", rendering.chat_template, rendering.stop_tokens, log=lambda *_: None)
     rows, reference = [], None
     for outtype in args.types:
-        start = time.perf_counter()
-        path = export_gguf(fused, work / f"{outtype}.gguf", outtype, rendering.chat_template, rendering.stop_tokens,
-                           log=lambda *_: None)
-        seconds = time.perf_counter() - start
+        path = work / f"{outtype}.gguf"
+        if outtype == "f16":
+            path = f16
+        elif OUTTYPES[outtype]:
+            quantize_file(llama_cpp, f16, path, outtype)
+        else:
+            export_gguf(fused, path, outtype, rendering.chat_template, rendering.stop_tokens, log=lambda *_: None)
         ppl, tokens = gguf_perplexity(path, items)
         reference = reference or (ppl if outtype == "f32" else None)
         answers = ask(path, questions, encoder, args.max_tokens)
@@ -83,17 +88,18 @@ def measure(args, work: Path) -> None:
                 for question, expected, text, stopped in answers if not (stopped and text.strip() == expected.strip())]
         exact = len(answers) - len(lost)
         types = ", ".join(f"{n} {t}" for t, n in tensor_types(path).most_common())
-        rows.append((outtype, path.stat().st_size / 1e6, ppl, exact, types, lost, seconds))
-        path.unlink()
+        rows.append((outtype, path.stat().st_size / 1e6, ppl, exact, types, lost))
+        if path != f16:
+            path.unlink()
 
     print(f"{args.adapter_path} fused; perplexity on {where} ({len(items)} examples, {tokens} trained tokens), "
           f"{len(questions)} questions, greedy, llama.cpp\n")
-    print("| type | file MB | tensors (count by GGML type) | perplexity | vs f32 | answers exact & stopped | export s |")
-    print("| --- | ---: | --- | ---: | ---: | :---: | ---: |")
-    for outtype, size, ppl, exact, types, lost, seconds in rows:
+    print("| type | file MB | tensors (count by GGML type) | perplexity | vs f32 | answers exact & stopped |")
+    print("| --- | ---: | --- | ---: | ---: | :---: |")
+    for outtype, size, ppl, exact, types, lost in rows:
         change = f"{(ppl / reference - 1) * 100:+.2f}%" if reference else "n/a"
-        print(f"| {outtype} | {size:.1f} | {types} | {ppl:.4f} | {change} | {exact}/{len(questions)} | {seconds:.1f} |")
-    for outtype, *_, lost, _ in rows:
+        print(f"| {outtype} | {size:.1f} | {types} | {ppl:.4f} | {change} | {exact}/{len(questions)} |")
+    for outtype, *_, lost in rows:
         if lost:
             print(f"\n{outtype} answered differently: " + "; ".join(lost))
 

@@ -40,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
     if args.target == "gguf":
         from liandan.export.gguf import export_gguf, export_lora_gguf
 
+        if args.adapter_path and args.check:
+            raise LiandanError("--check measures a whole model; for an adapter, `liandan fuse` it and check the fused model")
         if args.adapter_path:
             check_output(args.outfile, "--outfile", {"--adapter-path": Path(args.adapter_path)}, args.overwrite)
             export_lora_gguf(Path(args.adapter_path), Path(args.outfile), args.outtype)
