@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
+
 HELP = "Commands: /reset (forget the conversation), /exit (or Ctrl-D)."
 
 
@@ -16,6 +18,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="Base model (default: the adapter's base model, else smollm2-135m)")
     parser.add_argument("--adapter-path", help="Adapter directory written by `liandan lora`")
     parser.add_argument("--system-prompt", default=None, help="System prompt (default: the one used in training)")
+    parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--max-tokens", "-m", type=int, default=512, help="Maximum tokens per answer (default 512)")
     parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature (default 0: greedy)")
     parser.add_argument("--top-p", type=float, default=1.0, help="Sampling top-p")
@@ -36,9 +39,10 @@ def fit_history(encoder, history: list[dict], context: int, max_tokens: int) -> 
 
 def main(args: argparse.Namespace) -> int:
     from liandan.generate import TextStreamer, load_pipeline, stream
+    from liandan.reasoning import ShownAnswer, split_text, splitter_for
 
     pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, dtype=args.dtype,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
     context = int(getattr(pipe.model.config, "max_position_embeddings", 0) or 2048)
     interactive = sys.stdin.isatty()
     print(f"liandan chat — {HELP}", flush=True)
@@ -66,11 +70,14 @@ def main(args: argparse.Namespace) -> int:
             history = []
             continue
         text, answer = TextStreamer(pipe.tokenizer), ""
+        show = ShownAnswer(splitter_for(pipe.encoder), show_thinking=True, dim=True)  # reasoning shown dimmed
         for token in stream(pipe.model, ids, args.max_tokens, pipe.stop_ids, pipe.device.torch_device, args.temp,
                             args.top_p, 0.0, args.seed):
             piece = text.add(token)
             answer += piece
-            print(piece, end="", flush=True)
+            show.feed(piece)
+        show.finish()
         print(flush=True)
-        history.append({"role": "assistant", "content": answer})
+        # History keeps the answer alone, as templates of thinking models render past turns.
+        history.append({"role": "assistant", "content": split_text(splitter_for(pipe.encoder), answer)[1]})
     return 0

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
 
 
@@ -24,11 +25,13 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type (default f16)")
     parser.add_argument("--dequantize", action="store_true",
                         help="Accepted for mlx_lm compatibility: liandan always fuses into dequantized weights")
+    parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
     return parser
 
 
-def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remote_code: bool = False, log=print) -> dict:
+def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remote_code: bool = False, log=print,
+         chat_template: str | None = None) -> dict:
     """Merge and save; returns the rendering record used."""
     import torch
 
@@ -50,7 +53,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
     model = load_adapter(model, adapter_path, record)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    rendering = rendering_of(record, tokenizer)
+    rendering = rendering_of(record, tokenizer, chat_template=chat_template)
     tokenizer.chat_template = rendering.chat_template
     stops = stop_token_ids(tokenizer, model, rendering)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
@@ -82,7 +85,8 @@ def main(args: argparse.Namespace) -> int:
 
     if not Path(args.adapter_path).is_dir():
         raise LiandanError(f"--adapter-path {args.adapter_path}: not a directory")
-    record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code)
+    record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code,
+                  chat_template=args.chat_template)
     if args.export_gguf:
         rendering = Rendering.from_dict(record["rendering"])
         gguf_path = Path(args.gguf_path) if args.gguf_path else Path(args.save_path) / f"ggml-model-{args.outtype}.gguf"

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
+from liandan.reasoning import ShownAnswer, splitter_for
 
 
 # ---------------------------------------------------------------- sampling
@@ -123,7 +125,7 @@ class Pipeline:
 
 def load_pipeline(model_spec: str | None, adapter_path: str | None, system_prompt: str | None = None,
                   extra_eos: list[str] | None = None, dtype: str | None = None,
-                  trust_remote_code: bool = False) -> Pipeline:
+                  trust_remote_code: bool = False, chat_template: str | None = None) -> Pipeline:
     from liandan.adapters import load_adapter, read_record
     from liandan.data.render import Encoder, rendering_of
     from liandan.models import load_model, pick_device, resolve_model
@@ -138,7 +140,7 @@ def load_pipeline(model_spec: str | None, adapter_path: str | None, system_promp
     model, tokenizer = load_model(model_dir, device, trust_remote_code)
     if adapter_path:
         model = load_adapter(model, Path(adapter_path), record)
-    rendering = rendering_of(record, tokenizer, system_prompt)
+    rendering = rendering_of(record, tokenizer, system_prompt, chat_template)
     encoder = Encoder(tokenizer, rendering)
     return Pipeline(model, tokenizer, encoder, stop_token_ids(tokenizer, model, rendering, extra_eos), device, record)
 
@@ -194,6 +196,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--extra-eos-token", nargs="+", default=[], help="More tokens that stop generation")
     parser.add_argument("--system-prompt", default=None, help="System prompt (default: the one used in training)")
     parser.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt without the chat template")
+    parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
+    parser.add_argument("--show-thinking", action="store_true",
+                        help="Thinking models: also print the reasoning (before the answer); by default only the answer")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
     return parser
@@ -204,14 +209,16 @@ def main(args: argparse.Namespace) -> int:
     if args.max_tokens <= 0:
         raise LiandanError(f"--max-tokens must be positive, got {args.max_tokens}")
     pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, args.extra_eos_token, args.dtype,
-                         args.trust_remote_code)
+                         args.trust_remote_code, args.chat_template)
     ids = prompt_ids_for(pipe, prompt, args.ignore_chat_template)
     result = GenerationResult()
     text = TextStreamer(pipe.tokenizer)
+    show = ShownAnswer(None if args.ignore_chat_template else splitter_for(pipe.encoder), args.show_thinking)
     print("==========", flush=True)
     for token in stream(pipe.model, ids, args.max_tokens, pipe.stop_ids, pipe.device.torch_device, args.temp,
                         args.top_p, args.min_p, args.seed, result):
-        print(text.add(token), end="", flush=True)
+        show.feed(text.add(token))
+    show.finish()
     print("\n==========")
     n = len(result.tokens) + (1 if result.stopped else 0)
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tokens / max(result.prompt_seconds, 1e-9):.3f} tokens-per-sec")

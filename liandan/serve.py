@@ -20,7 +20,9 @@ import time
 import uuid
 from typing import Literal
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
+from liandan.reasoning import split_text, splitter_for
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -31,6 +33,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every request")
     parser.add_argument("--model-name", default=None, help="Model id clients use (default: derived from the paths)")
     parser.add_argument("--system-prompt", default=None, help="System prompt (default: the one used in training)")
+    parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens (default 512)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
@@ -183,12 +186,17 @@ def create_app(engine: Engine, api_key: str | None = None):
                     "total_tokens": info["prompt_tokens"] + info["completion_tokens"]}
 
         def choice(text, finish, delta: bool):
-            if kind == "chat":
-                body = {"delta": text} if delta else {"message": {"role": "assistant", "content": text}}
+            if kind == "chat" and delta:
+                body = {"delta": text}
+            elif kind == "chat":
+                body = {"message": {"role": "assistant", "content": text}}
+                if splitter is not None:  # a thinking model: the reasoning apart, as DeepSeek's and vLLM's APIs do
+                    body["message"]["reasoning_content"], body["message"]["content"] = split_text(splitter, text)
             else:
                 body = {"text": text, "logprobs": None}
             return {"index": 0, **body, "finish_reason": finish}
 
+        splitter = splitter_for(engine.pipe.encoder) if kind == "chat" else None
         if not req.stream:
             text, info = "", {}
             for piece in drain(out):
@@ -200,6 +208,10 @@ def create_app(engine: Engine, api_key: str | None = None):
                     "choices": [choice(text, info["finish_reason"], False)], "usage": usage(info)}
 
         chunk_obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def deltas(piece: str):
+            reasoning, content = splitter.feed(piece) if splitter else ("", piece)
+            return {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
 
         async def events():
             loop = asyncio.get_running_loop()
@@ -214,13 +226,21 @@ def create_app(engine: Engine, api_key: str | None = None):
                         break
                     if isinstance(piece, Exception):
                         raise piece
+                    if isinstance(piece, dict) and splitter is not None:  # what the splitter held back
+                        rest = dict(zip(("reasoning_content", "content"), splitter.finish()))
+                        if any(rest.values()):
+                            chunk = {"id": rid, "object": chunk_obj, "created": created, "model": engine.name,
+                                     "choices": [choice({k: v for k, v in rest.items() if v}, None, True)]}
+                            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                     if isinstance(piece, dict):
                         last = {"id": rid, "object": chunk_obj, "created": created, "model": engine.name,
                                 "choices": [choice({} if kind == "chat" else "", piece["finish_reason"], True)],
                                 "usage": usage(piece)}
                         yield f"data: {json.dumps(last, ensure_ascii=False)}\n\n"
                     else:
-                        delta = {"content": piece} if kind == "chat" else piece
+                        delta = deltas(piece) if kind == "chat" else piece
+                        if not delta:
+                            continue
                         chunk = {"id": rid, "object": chunk_obj, "created": created, "model": engine.name,
                                  "choices": [choice(delta, None, True)]}
                         yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
@@ -269,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"Warning: binding to {args.host} makes the server reachable from other machines"
               + ("" if args.api_key else "; consider --api-key"))
     pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, dtype=args.dtype,
-                         trust_remote_code=args.trust_remote_code)
+                         trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
     engine = Engine(pipe, model_name(args), args.max_tokens)
     print(f"Serving '{engine.name}' on http://{args.host}:{args.port}/v1 (OpenAPI schema: /openapi.json)", flush=True)
     try:

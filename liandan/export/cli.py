@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
 
 
@@ -15,12 +16,14 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--adapter-path", help="Export this LoRA adapter alone (for llama.cpp --lora / Ollama ADAPTER)")
     g.add_argument("--outfile", required=True, help="GGUF file to write")
     g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="Tensor type (default f16)")
+    g.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     o = sub.add_parser("ollama", help="A GGUF and a Modelfile whose TEMPLATE and stop tokens match training")
     o.add_argument("--model", required=True, help="Fused model directory (from `liandan fuse`) or any HF model directory")
     o.add_argument("--name", required=True, help="Ollama model name")
     o.add_argument("--out", default=None, help="Output directory (default: ./NAME-ollama)")
     o.add_argument("--system", default=None, help="SYSTEM prompt (default: the one used in training)")
     o.add_argument("--outtype", default="q8_0", choices=["f32", "f16", "bf16", "q8_0"], help="Tensor type (default q8_0)")
+    o.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     return parser
 
 
@@ -35,10 +38,14 @@ def main(args: argparse.Namespace) -> int:
             return 0
         model_dir = resolve_model(args.model)
         from liandan.adapters import read_record
-        from liandan.data.render import Rendering
+        from liandan.data.render import Rendering, rendering_of
 
         record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
         rendering = Rendering.from_dict(record["rendering"]) if record.get("rendering") else None
+        if args.chat_template:
+            from transformers import AutoTokenizer
+
+            rendering = rendering_of(record, AutoTokenizer.from_pretrained(str(model_dir)), chat_template=args.chat_template)
         export_gguf(model_dir, Path(args.outfile), args.outtype, rendering.chat_template if rendering else None,
                     rendering.stop_tokens if rendering else None)
         return 0
@@ -46,5 +53,6 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.name.replace("-", "").replace("_", "").replace(".", "").replace(":", "").isalnum():
         raise LiandanError(f"--name {args.name!r}: use letters, digits, '-', '_', '.' and ':' only")
-    export_ollama(resolve_model(args.model), args.name, Path(args.out or f"{args.name}-ollama"), args.system, args.outtype)
+    export_ollama(resolve_model(args.model), args.name, Path(args.out or f"{args.name}-ollama"), args.system, args.outtype,
+                  chat_template=args.chat_template)
     return 0

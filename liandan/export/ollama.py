@@ -157,7 +157,7 @@ def modelfile(gguf_name: str, family: Family, system: str | None, stops: list[st
 
 
 def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None = None, outtype: str = "q8_0",
-                  log=print) -> Path:
+                  log=print, chat_template: str | None = None) -> Path:
     from transformers import AutoTokenizer
 
     from liandan.adapters import read_record
@@ -168,7 +168,7 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
-    rendering = rendering_of(record, tokenizer)
+    rendering = rendering_of(record, tokenizer, chat_template=chat_template)
     family = pick_family(rendering, tokenizer)
 
     def jinja(conversation):
