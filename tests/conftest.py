@@ -78,3 +78,33 @@ def pytest_collection_modifyitems(config, items):
 def all_templates_tokenizer():
     """One tokenizer for every real chat template (tests set its chat_template): tokenization only."""
     return fixtures.all_templates_tokenizer()
+
+
+# Real chat templates the end-to-end tests train the embedded model under: (template name, BOS, EOS).
+E2E_TEMPLATES = {
+    "deepseek-r1-distill-qwen": ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "llama-3.1": ("meta-llama-Llama-3.1-8B-Instruct", "<|begin_of_text|>", "<|eot_id|>"),
+    "gemma-2": ("google-gemma-2-2b-it", "<bos>", "<eos>"),
+}
+
+
+@pytest.fixture(scope="session")
+def template_adapter(tmp_path_factory):
+    """template_adapter(name) -> (model dir, adapter dir): the embedded model speaking a real chat template
+    (E2E_TEMPLATES), fine-tuned on the seed's jokes with the demo's settings. Trained once per session, on
+    first use, so every test that needs it (training, GGUF, Ollama) shares one run."""
+    made = {}
+
+    def make(name: str):
+        if name not in made:
+            template_name, bos, eos = E2E_TEMPLATES[name]
+            template = fixtures.real_templates()[template_name]
+            model = fixtures.embedded_model_with_template(template_name, template, bos, eos, fixtures.CACHE / f"embedded-{name}")
+            adapters = tmp_path_factory.mktemp(name) / "adapters"
+            train = liandan("lora", "--model", model, "--train", "--data", JOKES, "--learning-rate", "1e-4",
+                            "--batch-size", "2", "--iters", "200", "--adapter-path", adapters, timeout=1500)
+            assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
+            made[name] = (model, adapters)
+        return made[name]
+
+    return make

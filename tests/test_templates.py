@@ -173,3 +173,15 @@ def test_chat_template_choice_is_recorded_and_overrides_the_record(llama_tokeniz
     chosen = rendering_of({"rendering": rendering.to_dict()}, llama_tokenizer, chat_template=str(tmp_path / "t.jinja"))
     assert chosen.template_source == "file:t.jinja" and chosen.system_prompt == "Be brief."
     assert rendering_of({"rendering": rendering.to_dict()}, llama_tokenizer).template_source == "chatml"
+
+
+def test_generate_prints_the_answer_and_the_reasoning_only_when_asked(capsys):
+    from liandan.reasoning import ShownAnswer
+
+    r1 = Layout("<think>\n", "", "<think>\n", "\n</think>\n\n", None, "<eos>")
+    for show_thinking, expected in ((False, "Answer."), (True, "Thinking: Plan.\n----------\nAnswer.")):
+        shown = ShownAnswer(ReasoningSplitter.for_layout(r1), show_thinking)
+        for piece in ("Pl", "an.\n</th", "ink>\n", "\nAnswer."):
+            shown.feed(piece)
+        shown.finish()
+        assert capsys.readouterr().out == expected
