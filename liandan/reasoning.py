@@ -20,6 +20,7 @@ class ReasoningSplitter:
         self.state = "reasoning" if starts_inside else "start"
         self.buffer = ""
         self.pending_space = ""  # whitespace at the end of the reasoning, shown only if more reasoning follows
+        self.reasoning_started = False  # leading whitespace of the reasoning is layout, not shown
 
     @classmethod
     def for_layout(cls, layout) -> "ReasoningSplitter | None":
@@ -66,11 +67,11 @@ class ReasoningSplitter:
             return reasoning, content
 
     def _reasoning_text(self, text: str, final: bool) -> str:
-        if not self.pending_space and not getattr(self, "_started", False):
+        if not self.reasoning_started:
             text = text.lstrip()
         if not text:
             return ""
-        self._started = True
+        self.reasoning_started = True
         text = self.pending_space + text
         body = text.rstrip()
         self.pending_space = "" if final else text[len(body):]

@@ -91,8 +91,9 @@ E2E_TEMPLATES = {
 @pytest.fixture(scope="session")
 def template_adapter(tmp_path_factory):
     """template_adapter(name) -> (model dir, adapter dir): the embedded model speaking a real chat template
-    (E2E_TEMPLATES), fine-tuned on the seed's jokes with the demo's settings. Trained once per session, on
-    first use, so every test that needs it (training, GGUF, Ollama) shares one run."""
+    (E2E_TEMPLATES), fine-tuned on the seed's jokes with the demo's settings, replay off (it doubles the run and
+    is not what these tests check). Trained once per session, on first use, so every test that needs it
+    (training, GGUF, Ollama) shares one run."""
     made = {}
 
     def make(name: str):
@@ -102,7 +103,8 @@ def template_adapter(tmp_path_factory):
             model = fixtures.embedded_model_with_template(template_name, template, bos, eos, fixtures.CACHE / f"embedded-{name}")
             adapters = tmp_path_factory.mktemp(name) / "adapters"
             train = liandan("lora", "--model", model, "--train", "--data", JOKES, "--learning-rate", "1e-4",
-                            "--batch-size", "2", "--iters", "200", "--adapter-path", adapters, timeout=1500)
+                            "--batch-size", "2", "--iters", "200", "--replay-ratio", "0", "--adapter-path", adapters,
+                            timeout=2700)
             assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
             made[name] = (model, adapters)
         return made[name]
