@@ -30,10 +30,12 @@ def fit_history(encoder, history: list[dict], context: int, max_tokens: int) -> 
 def main(args: argparse.Namespace) -> int:
     from liandan.engines import engine_from_args
     from liandan.generate import TextStreamer, check_inference_args, sampling_of
+    from liandan.reasoning import ShownAnswer, split_text, splitter_for
 
     check_inference_args(args)
     engine = engine_from_args(args)
     sampling = sampling_of(args)
+    pipe = engine.pipe
     interactive = sys.stdin.isatty()
     print(f"liandan chat — {HELP}", flush=True)
     history: list[dict] = []
@@ -60,11 +62,14 @@ def main(args: argparse.Namespace) -> int:
             print("(this message alone is longer than the context window)", flush=True)
             history = []
             continue
-        text, answer = TextStreamer(engine.pipe.tokenizer), ""
+        text, answer = TextStreamer(pipe.tokenizer), ""
+        show = ShownAnswer(splitter_for(pipe.encoder), show_thinking=True, dim=True)  # reasoning shown dimmed
         for token in engine.stream(ids, min(args.max_tokens, engine.context - len(ids)), sampling):
             piece = text.add(token)
             answer += piece
-            print(piece, end="", flush=True)
+            show.feed(piece)
+        show.finish()
         print(flush=True)
-        history.append({"role": "assistant", "content": answer})
+        # History keeps the answer alone, as templates of thinking models render past turns.
+        history.append({"role": "assistant", "content": split_text(splitter_for(pipe.encoder), answer)[1]})
     return 0

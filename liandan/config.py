@@ -65,6 +65,7 @@ class TrainConfig:
     text_feature: str = "text"
     chat_feature: str = "messages"
     system_prompt: str | None = None
+    chat_template: str | None = None  # a .jinja file or a built-in name (chatml, plain) instead of the model's template
     long_examples: str | None = None  # truncate | split | drop; default: split text, truncate chats
     dtype: str | None = None
     overwrite: bool = False

@@ -98,7 +98,9 @@ class AnswerCheck:
 
 def exact_answers(model, tokenizer, encoder, examples, device, stop_ids) -> list[AnswerCheck]:
     """Greedy-generate each example's last answer from its prompt and compare with the expected text."""
+    from liandan.data.template import split_reasoning
     from liandan.generate import generate
+    from liandan.reasoning import split_text, splitter_for
 
     checks = []
     for example in examples:
@@ -106,12 +108,15 @@ def exact_answers(model, tokenizer, encoder, examples, device, stop_ids) -> list
             continue
         messages = [encoder._clean(m) for m in example.messages]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        expected = messages[last].get("content") or ""
+        expected, reasoning = split_reasoning(messages[last])
         prompt_ids = encoder.prompt_ids(messages[:last], example.tools)
-        budget = len(tokenizer(expected, add_special_tokens=False)["input_ids"]) + 8
+        splitter = splitter_for(encoder)
+        # Room for the answer, and for the (empty or trained) think block of a thinking template.
+        budget = len(tokenizer((reasoning or "") + expected, add_special_tokens=False)["input_ids"]) + (16 if splitter else 8)
         result = generate(model, prompt_ids, max_tokens=budget, stop_ids=stop_ids, device=device)
         prompt = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
-        checks.append(AnswerCheck(prompt, expected, tokenizer.decode(result.tokens, skip_special_tokens=False), result.stopped))
+        got = split_text(splitter, tokenizer.decode(result.tokens, skip_special_tokens=False))[1]
+        checks.append(AnswerCheck(prompt, expected, got, result.stopped))
     return checks
 
 

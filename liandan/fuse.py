@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
 from liandan.export.quantize import OUTTYPE_HELP
 
@@ -25,6 +26,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--outtype", default="f16", help=f"GGUF tensor type: {OUTTYPE_HELP} (default f16)")
     parser.add_argument("--dequantize", action="store_true",
                         help="Accepted for mlx_lm compatibility: liandan always fuses into dequantized weights")
+    parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace an existing --save-path / --gguf-path (other files in --save-path are kept)")
@@ -32,7 +34,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remote_code: bool = False, log=print,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, chat_template: str | None = None) -> dict:
     """Merge and save; returns the rendering record used."""
     import torch
 
@@ -55,7 +57,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
     model = load_adapter(model, adapter_path, record)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    rendering = rendering_of(record, tokenizer)
+    rendering = rendering_of(record, tokenizer, chat_template=chat_template)
     tokenizer.chat_template = rendering.chat_template
     stops = stop_token_ids(tokenizer, model, rendering)
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
@@ -94,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         if args.gguf_path:
             check_output(args.gguf_path, "--gguf-path", {"--adapter-path": Path(args.adapter_path)}, args.overwrite)
     record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, chat_template=args.chat_template)
     if args.export_gguf:
         rendering = Rendering.from_dict(record["rendering"])
         gguf_path = Path(args.gguf_path) if args.gguf_path else Path(args.save_path) / f"ggml-model-{args.outtype}.gguf"

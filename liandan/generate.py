@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
+from liandan.reasoning import ShownAnswer, splitter_for
 
 
 # ---------------------------------------------------------------- sampling
@@ -144,7 +146,8 @@ class Pipeline:
 
 def load_pipeline(model_spec: str | None, adapter_path: str | None, system_prompt: str | None = None,
                   extra_eos: list[str] | None = None, dtype: str | None = None,
-                  trust_remote_code: bool = False, load_weights: bool = True) -> Pipeline:
+                  trust_remote_code: bool = False, load_weights: bool = True,
+                  chat_template: str | None = None) -> Pipeline:
     from liandan.adapters import RECORD, load_adapter, read_record
     from liandan.data.render import Encoder, rendering_of
     from liandan.models import load_model, load_tokenizer, pick_device, resolve_model
@@ -164,7 +167,7 @@ def load_pipeline(model_spec: str | None, adapter_path: str | None, system_promp
     else:
         model, tokenizer = None, load_tokenizer(model_dir, trust_remote_code)
         eos_source = _generation_config_holder(model_dir)
-    rendering = rendering_of(record, tokenizer, system_prompt)
+    rendering = rendering_of(record, tokenizer, system_prompt, chat_template)
     encoder = Encoder(tokenizer, rendering)
     stops = stop_token_ids(tokenizer, eos_source, rendering, extra_eos)
     return Pipeline(model, tokenizer, encoder, stops, device, record, model_dir,
@@ -251,6 +254,7 @@ def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argp
     parser.add_argument("--min-p", type=float, default=0.0, help="Sampling min-p")
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
     parser.add_argument("--extra-eos-token", nargs="+", default=[], help="More tokens that stop generation")
+    parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="torch (default) or llama.cpp (needs `pip install 'liandan[llama]'`; the GGUFs "
                              "are converted once and cached)")
@@ -284,6 +288,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_inference_args(parser, max_tokens=100)
     parser.add_argument("--prompt", "-p", default="hello", help="Message to the model ('-' reads stdin)")
     parser.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt without the chat template")
+    parser.add_argument("--show-thinking", action="store_true",
+                        help="Thinking models: also print the reasoning (before the answer); by default only the answer")
     return parser
 
 
@@ -296,9 +302,11 @@ def main(args: argparse.Namespace) -> int:
     ids = prompt_ids_for(engine.pipe, prompt, args.ignore_chat_template)
     result = GenerationResult()
     text = TextStreamer(engine.pipe.tokenizer)
+    show = ShownAnswer(None if args.ignore_chat_template else splitter_for(engine.pipe.encoder), args.show_thinking)
     print("==========", flush=True)
     for token in engine.stream(ids, args.max_tokens, sampling_of(args), result):
-        print(text.add(token), end="", flush=True)
+        show.feed(text.add(token))
+    show.finish()
     print("\n==========")
     n = len(result.tokens) + (1 if result.stopped else 0)
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tokens / max(result.prompt_seconds, 1e-9):.3f} tokens-per-sec")

@@ -11,6 +11,7 @@ import random
 import shutil
 from pathlib import Path
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
 
 DESCRIPTION = "Fine-tune a model with LoRA, DoRA or full fine-tuning (mlx_lm.lora-compatible flags)."
@@ -49,6 +50,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--fsdp", action="store_true", default=None,
         help="Under torchrun with --fine-tune-type full: shard parameters, gradients and optimizer state (FSDP2)")
     add("--system-prompt", help="System prompt added to every chat example (and recorded for inference)")
+    add("--chat-template", help=CHAT_TEMPLATE_HELP)
     add("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
     add("--overwrite", action="store_true", default=None, help="Replace an adapter already in --adapter-path")
     add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
@@ -178,7 +180,7 @@ def run(cfg, log=print, dist=None) -> int:
     if record.get("rendering"):
         rendering = Rendering.from_dict(record["rendering"])
     else:
-        rendering = make_rendering(tokenizer, cfg.system_prompt)
+        rendering = make_rendering(tokenizer, cfg.system_prompt, cfg.chat_template)
         if cfg.train and splits["train"].format == "text":
             rendering.prompt_style = "raw"
     encoder = Encoder(tokenizer, rendering, cfg.mask_prompt)

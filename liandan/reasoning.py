@@ -20,6 +20,7 @@ class ReasoningSplitter:
         self.state = "reasoning" if starts_inside else "start"
         self.buffer = ""
         self.pending_space = ""  # whitespace at the end of the reasoning, shown only if more reasoning follows
+        self.reasoning_started = False  # leading whitespace of the reasoning is layout, not shown
 
     @classmethod
     def for_layout(cls, layout) -> "ReasoningSplitter | None":
@@ -66,11 +67,11 @@ class ReasoningSplitter:
             return reasoning, content
 
     def _reasoning_text(self, text: str, final: bool) -> str:
-        if not self.pending_space and not getattr(self, "_started", False):
+        if not self.reasoning_started:
             text = text.lstrip()
         if not text:
             return ""
-        self._started = True
+        self.reasoning_started = True
         text = self.pending_space + text
         body = text.rstrip()
         self.pending_space = "" if final else text[len(body):]
@@ -103,3 +104,46 @@ def split_text(splitter: ReasoningSplitter | None, text: str) -> tuple[str, str]
     r1, c1 = splitter.feed(text)
     r2, c2 = splitter.finish()
     return r1 + r2, c1 + c2
+
+
+def splitter_for(encoder) -> ReasoningSplitter | None:
+    """A fresh splitter for one generation under this encoder's rendering; None for raw prompts and for
+    templates without a think block (their output is all answer)."""
+    from liandan.errors import LiandanError
+
+    if encoder.rendering.prompt_style == "raw":
+        return None
+    try:
+        return ReasoningSplitter.for_layout(encoder.layout)
+    except LiandanError:  # a template liandan cannot lay out still generates; its output is shown whole
+        return None
+
+
+class ShownAnswer:
+    """Prints a generation as it streams: the answer, and the reasoning of a thinking model only when asked."""
+
+    def __init__(self, splitter, show_thinking: bool, dim: bool = False):
+        self.splitter, self.show_thinking, self.dim = splitter, show_thinking, dim
+        self.in_reasoning = False
+
+    def feed(self, piece: str) -> None:
+        if self.splitter is None:
+            print(piece, end="", flush=True)
+            return
+        self._show(*self.splitter.feed(piece))
+
+    def finish(self) -> None:
+        if self.splitter is not None:
+            self._show(*self.splitter.finish())
+
+    def _show(self, reasoning: str, content: str) -> None:
+        if reasoning and self.show_thinking:
+            if not self.in_reasoning:
+                print("\033[2m" if self.dim else "Thinking: ", end="")
+            self.in_reasoning = True
+            print(reasoning, end="", flush=True)
+        if content:
+            if self.in_reasoning:
+                print("\033[0m\n" if self.dim else "\n----------\n", end="")
+                self.in_reasoning = False
+            print(content, end="", flush=True)

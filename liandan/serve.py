@@ -30,6 +30,7 @@ from contextlib import closing
 from typing import Literal
 
 from liandan.errors import LiandanError
+from liandan.reasoning import split_text, splitter_for
 
 log = logging.getLogger("liandan.serve")
 TRIM_AFTER_BYTES = 256 * 1024  # after a request body this large, hand freed memory back to the OS
@@ -294,7 +295,8 @@ async def answer(service: Service, req, encode, kind: str):
         raise
     start_generation(service.admission, job, cancelled,
                      lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
-    reply = Reply(service.name, kind, len(job["prompt_ids"]))
+    splitter = splitter_for(service.engine.pipe.encoder) if kind == "chat" else None
+    reply = Reply(service.name, kind, len(job["prompt_ids"]), splitter)
     if req.stream:
         return StreamingResponse(reply.events(items, cancelled), media_type="text/event-stream")
     try:
@@ -306,14 +308,19 @@ async def answer(service: Service, req, encode, kind: str):
 class Reply:
     """The OpenAI response objects for one request (chat.completion or text_completion)."""
 
-    def __init__(self, model: str, kind: str, prompt_tokens: int):
+    def __init__(self, model: str, kind: str, prompt_tokens: int, splitter=None):
         self.model, self.kind, self.prompt_tokens = model, kind, prompt_tokens
+        self.splitter = splitter  # a thinking model's chat: reasoning_content apart, as DeepSeek's and vLLM's APIs do
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
     def choice(self, text, finish, delta: bool) -> dict:
-        if self.kind == "chat":
-            body = {"delta": text} if delta else {"message": {"role": "assistant", "content": text}}
+        if self.kind == "chat" and delta:
+            body = {"delta": text}
+        elif self.kind == "chat":
+            body = {"message": {"role": "assistant", "content": text}}
+            if self.splitter is not None:
+                body["message"]["reasoning_content"], body["message"]["content"] = split_text(self.splitter, text)
         else:
             body = {"text": text, "logprobs": None}
         return {"index": 0, **body, "finish_reason": finish}
@@ -338,6 +345,16 @@ class Reply:
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return self.envelope(obj, self.choice(text, info["finish_reason"], False), info)
 
+    def delta(self, piece: str, final: bool = False) -> dict | str:
+        """A streamed piece: the text for completions, {"content"} or {"reasoning_content", "content"} for chats
+        (empty when the splitter holds a possible think marker back)."""
+        if self.kind != "chat":
+            return piece
+        if self.splitter is None:
+            return {"content": piece} if piece else {}
+        reasoning, content = self.splitter.finish() if final else self.splitter.feed(piece)
+        return {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+
     async def events(self, items: asyncio.Queue, cancelled: threading.Event):
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         try:
@@ -348,11 +365,12 @@ class Reply:
                     yield _sse(internal_error(item))
                     break
                 if isinstance(item, dict):
+                    if self.splitter is not None and (rest := self.delta("", final=True)):
+                        yield _sse(self.envelope(obj, self.choice(rest, None, True)))
                     yield _sse(self.envelope(obj, self.choice({} if self.kind == "chat" else "", item["finish_reason"],
                                                               True), item))
-                else:
-                    yield _sse(self.envelope(obj, self.choice({"content": item} if self.kind == "chat" else item,
-                                                              None, True)))
+                elif (piece := self.delta(item)) or self.kind != "chat":
+                    yield _sse(self.envelope(obj, self.choice(piece, None, True)))
             yield "data: [DONE]\n\n"
         finally:
             cancelled.set()  # the client went away (or we finished): the generation thread stops at its next token

@@ -147,3 +147,41 @@ def test_no_splitter_for_templates_without_think_block():
     chatml = Layout("", "", "<think>\n", "\n</think>\n\n", None, "<|im_end|>")
     assert ReasoningSplitter.for_layout(chatml) is None
     assert split_text(None, "plain <think>") == ("", "plain <think>")
+
+
+def test_data_check_show_marks_the_trained_part_under_a_chosen_template(tmp_path, tiny_llama):
+    from conftest import liandan, write_jsonl
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": QUESTION, "completion": ANSWER}] * 3)
+    (tmp_path / "mine.jinja").write_text(
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}", encoding="utf-8")
+    out = liandan("data", "check", tmp_path / "data", "--model", tiny_llama, "--show", 2, "--chat-template",
+                  tmp_path / "mine.jinja")
+    assert out.stdout.count("--- train.jsonl:") == 2, out.stdout + out.stderr
+    assert f"user: {QUESTION}\nassistant: ⟦{ANSWER}<|im_end|>⟧" in out.stdout  # no turn end in the template: EOS
+    bad = liandan("data", "check", tmp_path / "data", "--model", tiny_llama, "--chat-template", tmp_path / "nope.jinja")
+    assert bad.returncode == 2 and "--chat-template" in bad.stderr and "chatml" in bad.stderr
+
+
+def test_chat_template_choice_is_recorded_and_overrides_the_record(llama_tokenizer, tmp_path):
+    from liandan.data.render import CHATML_TEMPLATE, make_rendering, rendering_of
+
+    rendering = make_rendering(llama_tokenizer, "Be brief.", "chatml")
+    assert rendering.chat_template == CHATML_TEMPLATE and rendering.template_source == "chatml"
+    (tmp_path / "t.jinja").write_text(CHATML_TEMPLATE, encoding="utf-8")
+    chosen = rendering_of({"rendering": rendering.to_dict()}, llama_tokenizer, chat_template=str(tmp_path / "t.jinja"))
+    assert chosen.template_source == "file:t.jinja" and chosen.system_prompt == "Be brief."
+    assert rendering_of({"rendering": rendering.to_dict()}, llama_tokenizer).template_source == "chatml"
+
+
+def test_generate_prints_the_answer_and_the_reasoning_only_when_asked(capsys):
+    from liandan.reasoning import ShownAnswer
+
+    r1 = Layout("<think>\n", "", "<think>\n", "\n</think>\n\n", None, "<eos>")
+    for show_thinking, expected in ((False, "Answer."), (True, "Thinking: Plan.\n----------\nAnswer.")):
+        shown = ShownAnswer(ReasoningSplitter.for_layout(r1), show_thinking)
+        for piece in ("Pl", "an.\n</th", "ink>\n", "\nAnswer."):
+            shown.feed(piece)
+        shown.finish()
+        assert capsys.readouterr().out == expected

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from liandan.data.formats import MAX_LINE_BYTES
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
 
 
@@ -19,6 +20,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="Print the report as JSON")
     c.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
                    help="Longest line read, in bytes; a longer one is an error (default 16 MiB): bounds memory per line")
+    c.add_argument("--show", type=int, default=0, metavar="N",
+                   help="Also print the first N examples as trained: rendered, trained part between ⟦ ⟧")
+    c.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     _add_field_names(c)
     p = sub.add_parser("prepare", help="JSONL/JSON/CSV/Parquet with any field names → train/valid/test.jsonl")
     p.add_argument("inputs", nargs="+", help="Input files")
@@ -48,6 +52,24 @@ def _add_field_names(parser):
     parser.add_argument("--chat-feature", default="messages")
 
 
+def shown_examples(target: Path, encoder, names, count: int) -> list[str]:
+    """The first `count` examples (of train.jsonl in a directory) rendered as trained, trained part marked."""
+    from liandan.data.formats import scan_jsonl
+    from liandan.data.render import marked_text
+
+    path = target / "train.jsonl" if target.is_dir() else target
+    if count <= 0 or not path.is_file():
+        return []
+    lines = [f"First {count} example(s) of {path} as trained (⟦trained⟧, the rest is the masked prompt):"]
+    for fmt, item in scan_jsonl(path, names):
+        if fmt is not None:
+            lines += [f"--- {path.name}:{item.line}", marked_text(encoder.tokenizer, encoder.encode(item))]
+            count -= 1
+        if count == 0:
+            break
+    return lines
+
+
 def _tokenizer(model: str | None):
     from transformers import AutoTokenizer
 
@@ -68,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         if args.max_line_bytes <= 0:
             raise LiandanError(f"--max-line-bytes must be positive, got {args.max_line_bytes}")
         tokenizer = _tokenizer(args.model)
-        encoder = Encoder(tokenizer, make_rendering(tokenizer))
+        encoder = Encoder(tokenizer, make_rendering(tokenizer, chat_template=args.chat_template))
         names = FieldNames(args.text_feature, args.prompt_feature, args.completion_feature, args.chat_feature)
         result = check(target, encoder, args.max_seq_length, names, args.max_line_bytes)
         lines, errors, warnings = render_report(result, encoder)
@@ -76,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps({"files": [r.to_dict() for r in result["files"]], "leakage": result["leakage"],
                               "errors": errors, "warnings": warnings}, ensure_ascii=False, indent=2))
         else:
-            print("\n".join(lines))
+            print("\n".join(lines + shown_examples(target, encoder, names, args.show)))
         return 2 if errors else 1 if warnings else 0
     if args.action == "prepare":
         from liandan.data.prepare import prepare

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from liandan.errors import LiandanError
 
@@ -51,10 +52,34 @@ class Rendering:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def make_rendering(tokenizer, system_prompt: str | None = None) -> Rendering:
-    """Choose the template and find which token ends an assistant turn in it."""
-    template = tokenizer.chat_template
-    source = "model"
+# --chat-template NAME: ChatML, for base models or models trained with it elsewhere.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') + '<|im_end|>' + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "plain": PLAIN_CHAT_TEMPLATE}
+CHAT_TEMPLATE_HELP = ("Chat template to train or run with instead of the model's: a .jinja file, or chatml / plain "
+                      "(recorded with the adapter)")
+
+
+def read_chat_template(spec: str) -> tuple[str, str]:
+    """(template, source) for --chat-template: a built-in name or a Jinja file."""
+    if spec in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[spec], spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise LiandanError(f"--chat-template {spec}: no such file; give a .jinja file or one of: {', '.join(NAMED_TEMPLATES)}")
+    try:
+        return path.read_text(encoding="utf-8"), f"file:{path.name}"
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LiandanError(f"--chat-template {spec}: cannot read it as UTF-8 text ({exc})") from None
+
+
+def make_rendering(tokenizer, system_prompt: str | None = None, chat_template: str | None = None) -> Rendering:
+    """Choose the template (--chat-template, else the model's) and find which token ends an assistant turn in it."""
+    template, source = read_chat_template(chat_template) if chat_template else (tokenizer.chat_template, "model")
     if not template or not isinstance(template, str):
         if tokenizer.eos_token is None:
             raise LiandanError("the tokenizer has neither a chat template nor an end-of-sequence token")
@@ -63,9 +88,12 @@ def make_rendering(tokenizer, system_prompt: str | None = None) -> Rendering:
     return Rendering(template, [stop], system_prompt, source, "chat", tokenizer.eos_token)
 
 
-def rendering_of(record: dict, tokenizer, system_prompt: str | None = None) -> Rendering:
+def rendering_of(record: dict, tokenizer, system_prompt: str | None = None, chat_template: str | None = None) -> Rendering:
     """The rendering saved in an adapter or fused model's record, else the tokenizer's own template.
-    A system_prompt given here overrides the recorded one."""
+    A system_prompt or chat_template (--chat-template) given here overrides the recorded one."""
+    if chat_template:
+        recorded = (record.get("rendering") or {}).get("system_prompt")
+        return make_rendering(tokenizer, system_prompt if system_prompt is not None else recorded, chat_template)
     if not record.get("rendering"):
         return make_rendering(tokenizer, system_prompt)
     rendering = Rendering.from_dict(record["rendering"])
@@ -256,3 +284,22 @@ class Encoder:
         if example.text is not None:
             return self.encode_text(example.text, example.line)
         return self.encode_chat(example.messages, example.tools, example.line, limit)
+
+
+TRAINED_MARKS = ("⟦", "⟧")
+
+
+def marked_text(tokenizer, encoded: Encoded) -> str:
+    """The rendered example with its trained tokens between ⟦ ⟧ (the rest is masked: context, not learned)."""
+    groups: list[tuple[bool, list[int]]] = []
+    for token, label in zip(encoded.input_ids, encoded.labels):
+        trained = label != IGNORE
+        if groups and groups[-1][0] == trained:
+            groups[-1][1].append(token)
+        else:
+            groups.append((trained, [token]))
+    text = ""
+    for trained, ids in groups:
+        piece = tokenizer.decode(ids, skip_special_tokens=False)
+        text += f"{TRAINED_MARKS[0]}{piece}{TRAINED_MARKS[1]}" if trained else piece
+    return text

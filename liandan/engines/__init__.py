@@ -54,7 +54,7 @@ class Engine:
 
 def load_engine(kind: str, model: str | None, adapter_path: str | None, system_prompt: str | None = None,
                 extra_eos: list[str] | None = None, dtype: str | None = None, trust_remote_code: bool = False,
-                gguf_type: str = "q8_0", slots: int = 1) -> Engine:
+                gguf_type: str = "q8_0", slots: int = 1, chat_template: str | None = None) -> Engine:
     from liandan.generate import load_pipeline
 
     if kind not in ENGINES:
@@ -63,14 +63,16 @@ def load_engine(kind: str, model: str | None, adapter_path: str | None, system_p
         from liandan.engines.llama_engine import LlamaEngine, require_llama_cpp
 
         require_llama_cpp()  # before anything slow loads
-        pipe = load_pipeline(model, adapter_path, system_prompt, extra_eos, None, trust_remote_code, load_weights=False)
+        pipe = load_pipeline(model, adapter_path, system_prompt, extra_eos, None, trust_remote_code, load_weights=False,
+                             chat_template=chat_template)
         return LlamaEngine(pipe, gguf_type, slots)
     from liandan.engines.torch_engine import TorchEngine
 
-    return TorchEngine(load_pipeline(model, adapter_path, system_prompt, extra_eos, dtype, trust_remote_code))
+    return TorchEngine(load_pipeline(model, adapter_path, system_prompt, extra_eos, dtype, trust_remote_code,
+                                     chat_template=chat_template))
 
 
 def engine_from_args(args: argparse.Namespace, slots: int = 1) -> Engine:
     """The engine `add_inference_args`' options describe."""
     return load_engine(args.engine, args.model, args.adapter_path, args.system_prompt, args.extra_eos_token,
-                       args.dtype, args.trust_remote_code, args.gguf_type, slots)
+                       args.dtype, args.trust_remote_code, args.gguf_type, slots, getattr(args, "chat_template", None))

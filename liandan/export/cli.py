@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
 from liandan.export.quantize import OUTTYPE_HELP, import_llama_cpp, usable_outtype
 
@@ -20,6 +21,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Also measure the file's perplexity on the validation set in llama.cpp, vs f32")
     g.add_argument("--data", default=None, help="Data directory for --check (default: the one recorded in training)")
     g.add_argument("--overwrite", action="store_true", help="Replace an existing --outfile")
+    g.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     o = sub.add_parser("ollama", help="A GGUF and a Modelfile whose TEMPLATE and stop tokens match training")
     o.add_argument("--model", required=True, help="Fused model directory (from `liandan fuse`) or any HF model directory")
     o.add_argument("--name", required=True, help="Ollama model name")
@@ -27,6 +29,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--system", default=None, help="SYSTEM prompt (default: the one used in training)")
     o.add_argument("--outtype", default="q8_0", help=f"Tensor type: {OUTTYPE_HELP} (default q8_0)")
     o.add_argument("--overwrite", action="store_true", help="Replace an existing NAME.gguf / Modelfile in --out")
+    o.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     return parser
 
 
@@ -49,10 +52,14 @@ def main(args: argparse.Namespace) -> int:
         model_dir = resolve_model(args.model)
         check_output(args.outfile, "--outfile", _model_inputs(args.model, model_dir), args.overwrite)
         from liandan.adapters import read_record
-        from liandan.data.render import Rendering
+        from liandan.data.render import Rendering, rendering_of
 
         record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
         rendering = Rendering.from_dict(record["rendering"]) if record.get("rendering") else None
+        if args.chat_template:
+            from transformers import AutoTokenizer
+
+            rendering = rendering_of(record, AutoTokenizer.from_pretrained(str(model_dir)), chat_template=args.chat_template)
         export_gguf(model_dir, Path(args.outfile), args.outtype, rendering.chat_template if rendering else None,
                     rendering.stop_tokens if rendering else None)
         if args.check:
@@ -69,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     check_output(out, "--out", reads, overwrite=True, directory=True)
     for name in (f"{args.name}.gguf", "Modelfile"):
         check_output(out / name, "--out", reads, args.overwrite)
-    export_ollama(model_dir, args.name, out, args.system, args.outtype)
+    export_ollama(model_dir, args.name, out, args.system, args.outtype, chat_template=args.chat_template)
     return 0
 
 

@@ -94,7 +94,7 @@ def describe(wrappers: Wrappers) -> str:
 
 
 def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None = None, outtype: str = "q8_0",
-                  log=print) -> Path:
+                  log=print, chat_template: str | None = None) -> Path:
     from transformers import AutoTokenizer
 
     from liandan.adapters import read_record
@@ -105,7 +105,7 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
-    rendering = rendering_of(record, tokenizer)
+    rendering = rendering_of(record, tokenizer, chat_template=chat_template)
     wrappers = template_wrappers(rendering, tokenizer, tokenizer.bos_token if adds_bos(model_dir) else "")
     system = system if system is not None else rendering.system_prompt
     if system and wrappers.system == "none":
