@@ -22,6 +22,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
+    parser.add_argument("--docs", help="Answer from these documents: a folder (Markdown/text/HTML) or a `liandan docs index`")
+    parser.add_argument("--top-k", type=int, default=None, help="Chunks put in the prompt with --docs (default 3)")
     return parser
 
 
@@ -40,6 +42,11 @@ def main(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, dtype=args.dtype,
                          trust_remote_code=args.trust_remote_code)
     context = int(getattr(pipe.model.config, "max_position_embeddings", 0) or 2048)
+    docs = None
+    if args.docs:
+        from liandan.docs.prompt import DocsContext
+
+        docs = DocsContext.open(args.docs, pipe.record, args.top_k)
     interactive = sys.stdin.isatty()
     print(f"liandan chat — {HELP}", flush=True)
     history: list[dict] = []
@@ -60,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
         if line.startswith("/"):
             print(HELP, flush=True)
             continue
-        history, ids = fit_history(pipe.encoder, history + [{"role": "user", "content": line}], context, args.max_tokens)
+        content = docs.prompt(line)[0] if docs else line  # the question with its retrieved chunks
+        history, ids = fit_history(pipe.encoder, history + [{"role": "user", "content": content}], context, args.max_tokens)
         if len(ids) >= context:
             print("(this message alone is longer than the context window)", flush=True)
             history = []

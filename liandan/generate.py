@@ -196,6 +196,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--ignore-chat-template", action="store_true", help="Use the raw prompt without the chat template")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
+    parser.add_argument("--docs", help="Answer from these documents: a folder (Markdown/text/HTML) or a `liandan docs index`")
+    parser.add_argument("--top-k", type=int, default=None, help="Chunks put in the prompt with --docs (default 3)")
     return parser
 
 
@@ -205,6 +207,11 @@ def main(args: argparse.Namespace) -> int:
         raise LiandanError(f"--max-tokens must be positive, got {args.max_tokens}")
     pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, args.extra_eos_token, args.dtype,
                          args.trust_remote_code)
+    sources = None
+    if args.docs:
+        from liandan.docs.prompt import DocsContext
+
+        prompt, sources = DocsContext.open(args.docs, pipe.record, args.top_k).prompt(prompt)
     ids = prompt_ids_for(pipe, prompt, args.ignore_chat_template)
     result = GenerationResult()
     text = TextStreamer(pipe.tokenizer)
@@ -217,4 +224,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tokens / max(result.prompt_seconds, 1e-9):.3f} tokens-per-sec")
     print(f"Generation: {n} tokens, {n / max(result.generation_seconds, 1e-9):.3f} tokens-per-sec")
     print(f"Peak memory: {peak_memory_gb():.3f} GB")
+    if sources is not None:
+        from liandan.docs.prompt import describe_sources
+
+        print(describe_sources(sources))
     return 0

@@ -34,6 +34,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=512, help="Default max_tokens (default 512)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
+    parser.add_argument("--docs", help="Answer chats from these documents (the response gets a `sources` field): a folder (Markdown/text/HTML) or a `liandan docs index`")
+    parser.add_argument("--top-k", type=int, default=None, help="Chunks put in the prompt with --docs (default 3)")
     return parser
 
 
@@ -108,7 +110,8 @@ def drain(out: queue.Queue):
         yield item
 
 
-def create_app(engine: Engine, api_key: str | None = None):
+def create_app(engine: Engine, api_key: str | None = None, docs=None):
+    """docs: a liandan.docs.prompt.DocsContext; chat questions are then asked with their retrieved chunks."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -239,8 +242,12 @@ def create_app(engine: Engine, api_key: str | None = None):
         messages = [{"role": m.role, "content": m.content or ""} for m in req.messages]
         if messages[-1]["role"] == "assistant":
             raise APIError(400, "the last message must not be the assistant's", "invalid_request_error")
+        messages, sources = docs.apply(messages) if docs else (messages, None)
         prompt_ids = engine.pipe.encoder.prompt_ids(messages)
-        return respond(req, prompt_ids, check(req, prompt_ids), "chat")
+        reply = respond(req, prompt_ids, check(req, prompt_ids), "chat")
+        if sources is not None and isinstance(reply, dict):
+            reply["sources"] = sources  # non-streamed replies only: an SSE chunk has no place for them
+        return reply
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
     def completions(req: CompletionRequest):
@@ -271,9 +278,14 @@ def main(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.adapter_path, args.system_prompt, dtype=args.dtype,
                          trust_remote_code=args.trust_remote_code)
     engine = Engine(pipe, model_name(args), args.max_tokens)
+    docs = None
+    if args.docs:
+        from liandan.docs.prompt import DocsContext
+
+        docs = DocsContext.open(args.docs, pipe.record, args.top_k)
     print(f"Serving '{engine.name}' on http://{args.host}:{args.port}/v1 (OpenAPI schema: /openapi.json)", flush=True)
     try:
-        uvicorn.run(create_app(engine, args.api_key), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(engine, args.api_key, docs), host=args.host, port=args.port, log_level="warning")
     except OSError as exc:
         raise LiandanError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     return 0
