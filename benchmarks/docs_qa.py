@@ -34,10 +34,13 @@ HANDBOOK = ROOT / "liandan" / "examples" / "handbook"
 ENV = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(ROOT))
 
 
-def cli(*args) -> tuple[str, float]:
+def cli(*args, fail=True) -> tuple[str | None, float]:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "liandan", *map(str, args)], capture_output=True, text=True, env=ENV)
     if proc.returncode != 0:
+        if not fail:
+            print(f"liandan {args[0]} {args[1]} failed: {proc.stderr.strip()[-300:]}", flush=True)
+            return None, time.perf_counter() - start
         sys.exit(f"liandan {' '.join(map(str, args))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return proc.stdout, time.perf_counter() - start
 
@@ -78,7 +81,11 @@ def run_language(lang: str, rows_wanted: list[str], iters: int, work: Path) -> t
         table += rows_for(evaluate(lang, "--adapter-path", work / "ra-adapter", "--modes", "adapter", "adapter+docs"),
                           "retrieval-aware fine-tuning", seconds)
     if "synth" in rows_wanted:
-        _, synth_seconds = cli("data", "synth", docs, "--out", work / "synth")
+        out, synth_seconds = cli("data", "synth", docs, "--out", work / "synth", fail=False)
+        if out is None:  # the small model as its own teacher may give no usable pairs at all
+            table.append({"setup": "synthetic questions: no usable pairs", "correct": 0, "exact": 0, "stopped": 0,
+                          "total": 15, "train_s": synth_seconds, "eval_s": 0})
+            return table, recall
         pairs = [json.loads(line) for line in (work / "synth" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
         cli("data", "from-docs", docs, "--out", work / "synth-ra", "--questions", work / "synth" / "train.jsonl")
         seconds = train(work / "synth-ra", work / "synth-adapter", iters) + synth_seconds
@@ -114,10 +121,10 @@ def indexing_speed(work: Path) -> dict:
     from liandan.docs.index import DocsIndex
 
     size = make_pages(work / "pages")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     index = DocsIndex.build(work / "pages", log=lambda *_: None)
     index.save(work / "pages-index")
-    build = time.perf_counter() - start
+    build, build_cpu = time.perf_counter() - start, time.process_time() - cpu  # CPU time: fair on a shared machine
     start = time.perf_counter()
     loaded = DocsIndex.load(work / "pages-index")
     load = time.perf_counter() - start
@@ -131,7 +138,7 @@ def indexing_speed(work: Path) -> dict:
         loaded.search(q, 3)
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"pages": 1000, "bytes": size, "chunks": len(index.chunks), "build_s": build, "load_s": load,
+    return {"pages": 1000, "bytes": size, "chunks": len(index.chunks), "build_s": build, "build_cpu_s": build_cpu, "load_s": load,
             "query_median_ms": 1000 * statistics.median(times), "query_p95_ms": 1000 * times[int(0.95 * len(times)) - 1]}
 
 
@@ -154,7 +161,7 @@ def main() -> None:
         if not args.skip_speed:
             s = indexing_speed(work)
             print(f"\nIndexing {s['pages']} Markdown pages ({s['bytes'] / 1e6:.2f} MB, {s['chunks']} chunks): "
-                  f"{s['build_s']:.1f} s (target < 30 s); loading the saved index {s['load_s']:.2f} s; "
+                  f"{s['build_s']:.1f} s wall, {s['build_cpu_s']:.1f} s CPU (target < 30 s); loading the saved index {s['load_s']:.2f} s; "
                   f"query median {s['query_median_ms']:.1f} ms, p95 {s['query_p95_ms']:.1f} ms (target < 50 ms)")
 
 
