@@ -173,7 +173,9 @@ def load_weights_into(model, path: Path) -> None:
         model.load_state_dict(state, strict=False)
 
 
-def make_record(cfg: TrainConfig, base_model: str, rendering: Rendering, iteration: int) -> dict:
+def make_record(cfg: TrainConfig, base_model: str, rendering: Rendering, iteration: int,
+                docs_layout: dict | None = None) -> dict:
+    """docs_layout: the retrieval prompt layout of `data from-docs --questions` data (liandan.docs.prompt)."""
     return {
         "liandan_version": __import__("liandan").__version__,
         "base_model": base_model,
@@ -181,4 +183,5 @@ def make_record(cfg: TrainConfig, base_model: str, rendering: Rendering, iterati
         "iteration": iteration,
         "rendering": rendering.to_dict(),
         "training": cfg.to_dict(),
+        **({"docs_layout": docs_layout} if docs_layout else {}),
     }

@@ -36,6 +36,11 @@ def main(args: argparse.Namespace) -> int:
     engine = engine_from_args(args)
     sampling = sampling_of(args)
     pipe = engine.pipe
+    docs = None
+    if args.docs:
+        from liandan.docs.prompt import DocsContext
+
+        docs = DocsContext.open(args.docs, pipe.record, args.top_k)
     interactive = sys.stdin.isatty()
     print(f"liandan chat — {HELP}", flush=True)
     history: list[dict] = []
@@ -56,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
         if line.startswith("/"):
             print(HELP, flush=True)
             continue
-        history, ids = fit_history(engine.pipe.encoder, history + [{"role": "user", "content": line}], engine.context,
+        content = docs.prompt(line)[0] if docs else line  # the question with its retrieved chunks
+        history, ids = fit_history(pipe.encoder, history + [{"role": "user", "content": content}], engine.context,
                                    args.max_tokens)
         if len(ids) >= engine.context:
             print("(this message alone is longer than the context window)", flush=True)

@@ -21,6 +21,8 @@ COMMANDS = {
     "export": ("liandan.export.cli", "Export GGUF files and Ollama Modelfiles"),
     "chat": ("liandan.chat", "Chat with a model or adapter in the terminal (multi-turn, streamed)"),
     "serve": ("liandan.serve", "An OpenAI-compatible HTTP API (binds 127.0.0.1 unless told otherwise)"),
+    "docs": ("liandan.docs.cli", "Index documents for --docs (BM25) and try queries against the index"),
+    "eval": ("liandan.docs.eval", "Compare base, base + docs, adapter, adapter + docs on the same questions"),
     "demo": ("liandan.demo", "The seed's joke dataset, end to end, on the embedded model"),
     "studio": ("liandan.studio.cli", "The whole workflow in a local web page (needs liandan[studio])"),
 }

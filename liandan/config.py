@@ -78,6 +78,8 @@ class TrainConfig:
     # Defaults from benchmarks/forgetting.py: ratio 1 + KL 3 kept 31/32 general answers and all 10 new facts.
     replay_ratio: float = 1.0
     replay_prompts: str | None = None  # a file of one's own replay prompts (JSONL "prompt" or one per line)
+    docs: str | None = None  # --test with retrieval: a folder of documents or a saved index (liandan.docs)
+    top_k: int | None = None  # chunks per question with --docs (default: the recorded layout's, else 3)
     kl_weight: float = 3.0  # pull replay positions toward the base model's own distribution (KL); 0 = plain replay
     max_grad_norm: float | None = None  # clip the gradient norm of each step (HF Trainer's 1.0); None = no clipping
     # "random": every batch is a random draw of examples (as in HF Trainer); on CPU, examples of very different

@@ -263,6 +263,8 @@ def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argp
     parser.add_argument("--dtype", default=None, help="With --engine torch: float32, bfloat16 or float16 "
                         "(default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
+    parser.add_argument("--docs", help="Answer from these documents: a folder (Markdown/text/HTML) or a `liandan docs index`")
+    parser.add_argument("--top-k", type=int, default=None, help="Chunks put in the prompt with --docs (default 3)")
     return parser
 
 
@@ -299,6 +301,11 @@ def main(args: argparse.Namespace) -> int:
     check_inference_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = engine_from_args(args)
+    sources = None
+    if args.docs:
+        from liandan.docs.prompt import DocsContext
+
+        prompt, sources = DocsContext.open(args.docs, engine.pipe.record, args.top_k).prompt(prompt)
     ids = prompt_ids_for(engine.pipe, prompt, args.ignore_chat_template)
     result = GenerationResult()
     text = TextStreamer(engine.pipe.tokenizer)
@@ -312,4 +319,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tokens / max(result.prompt_seconds, 1e-9):.3f} tokens-per-sec")
     print(f"Generation: {n} tokens, {n / max(result.generation_seconds, 1e-9):.3f} tokens-per-sec")
     print(f"Peak memory: {peak_memory_gb():.3f} GB")
+    if sources is not None:
+        from liandan.docs.prompt import describe_sources
+
+        print(describe_sources(sources))
     return 0

@@ -66,6 +66,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Weight of the KL term that pulls replay answers toward the base model's token distribution "
              "(default 3; 0 = plain replay)")
     add("--max-grad-norm", type=float, help="Clip each step's gradient to this norm (default: no clipping)")
+    add("--docs", help="With --test: answer each test question from the top chunks of these documents (a folder "
+                       "or a `liandan docs index`), in the layout the adapter was trained with")
+    add("--top-k", type=int, help="Chunks per question with --docs (default: the trained layout's, else 3)")
     add("--batch-order", choices=["random", "length"],
         help="random (default): batches are random draws (on CPU, very different lengths run as separate "
              "sub-batches, so little compute goes to padding); length: mlx_lm's batches of similar lengths")
@@ -177,6 +180,7 @@ def run(cfg, log=print, dist=None) -> int:
     if cfg.test and not cfg.train and splits["test"] is None:
         raise LiandanError(f"--data {cfg.data}: test.jsonl is missing")
 
+    docs_layout = docs_setup(cfg, record, splits, log)
     if record.get("rendering"):
         rendering = Rendering.from_dict(record["rendering"])
     else:
@@ -219,7 +223,7 @@ def run(cfg, log=print, dist=None) -> int:
         if "valid" not in encoded:
             log(f"Note: --data {cfg.data} has no valid.jsonl; training without validation.")
         result = train(model, cfg, encoded["train"], encoded.get("valid"), pad_id, device.torch_device, adapter_dir,
-                       lambda it: make_record(cfg, base_model, rendering, it), log, resume=state, dist=dist,
+                       lambda it: make_record(cfg, base_model, rendering, it, docs_layout), log, resume=state, dist=dist,
                        fsdp=cfg.fsdp and dist.enabled, replay=replay)
         log(f"Saved final weights to {adapter_dir}. Loss curve: {adapter_dir / 'loss.png'}")
         log(f"Trained {result.iterations} iterations in {result.seconds:.1f}s: {result.tokens_per_second:.1f} tokens/s, "
@@ -256,6 +260,20 @@ def replay_examples(model, tokenizer, encoder, model_dir, cfg, stop_ids, pad_id,
     log(f"Replay: {len(pool.items)} base-model answers to {pool.prompts} general prompts ({how} in {pool.cache.parent}); "
         f"{cfg.replay_ratio:g} mixed in per training example against forgetting (--replay-ratio 0 turns this off).")
     return pool.items
+
+
+def docs_setup(cfg, record: dict, splits: dict, log) -> dict | None:
+    """The retrieval prompt layout: the adapter's when testing one, else the data's (`data from-docs --questions`),
+    to be recorded. With --docs, each test question is asked with its retrieved chunks in that layout."""
+    from liandan.docs.qa import read_layout
+
+    layout = record.get("docs_layout") if record else read_layout(cfg.data)
+    if cfg.test and cfg.docs and splits.get("test") is not None:
+        from liandan.docs.prompt import DocsContext
+
+        DocsContext.open(cfg.docs, {"docs_layout": layout}, cfg.top_k, log).apply_to_file(splits["test"])
+        log(f"Test questions are asked with the top chunks of {cfg.docs}.")
+    return layout
 
 
 def _silent(*args, **kwargs) -> None:

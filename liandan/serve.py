@@ -380,8 +380,9 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine, name: str, args):
-    """The ASGI application: FastAPI routes behind the Guard."""
+def create_app(engine, name: str, args, docs=None):
+    """The ASGI application: FastAPI routes behind the Guard. `docs`: a DocsContext (--docs); chat questions
+    are then asked with their retrieved chunks."""
     from fastapi import FastAPI
 
     service = Service(engine, name, args)
@@ -403,7 +404,11 @@ def create_app(engine, name: str, args):
         messages = [{"role": m.role, "content": m.content or ""} for m in req.messages]
         if messages[-1]["role"] == "assistant":
             raise APIError(400, "the last message must not be the assistant's")
-        return await answer(service, req, lambda: engine.pipe.encoder.prompt_ids(messages), "chat")
+        messages, sources = docs.apply(messages) if docs else (messages, None)
+        reply = await answer(service, req, lambda: engine.pipe.encoder.prompt_ids(messages), "chat")
+        if sources is not None and isinstance(reply, dict):
+            reply["sources"] = sources  # non-streamed replies only: an SSE chunk has no place for them
+        return reply
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -445,10 +450,15 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = engine_from_args(args, slots=args.parallel if args.engine == "llama.cpp" else 1)
     name = model_name(args)
+    docs = None
+    if args.docs:
+        from liandan.docs.prompt import DocsContext
+
+        docs = DocsContext.open(args.docs, engine.pipe.record, args.top_k)
     print(f"Serving '{name}' ({engine.kind}, {engine.slots} slot{'s' * (engine.slots > 1)}) on "
           f"http://{args.host}:{args.port}/v1 (OpenAPI schema: /openapi.json)", flush=True)
     try:
-        uvicorn.run(create_app(engine, name, args), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(engine, name, args, docs), host=args.host, port=args.port, log_level="warning")
     except OSError as exc:
         raise LiandanError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     finally:

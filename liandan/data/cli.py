@@ -1,4 +1,4 @@
-"""`liandan data check|prepare|from-docs`."""
+"""`liandan data check|prepare|from-docs|synth`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,21 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d.add_argument("--model", help="Model whose tokenizer counts chunk sizes (default: smollm2-135m)")
     d.add_argument("--chunk-tokens", type=int, default=512, help="Maximum tokens per chunk (default 512)")
     d.add_argument("--overlap", type=int, default=64, help="Tokens repeated when a paragraph is cut (default 64)")
+    d.add_argument("--questions", help="Q&A JSONL (prompt/completion): write retrieval-aware examples instead — each "
+                   "question with its --top-k retrieved chunks (the relevant one and distractors) → the answer")
+    d.add_argument("--top-k", type=int, default=3, help="Chunks per question with --questions (default 3)")
+    d.add_argument("--seed", type=int, default=0, help="Seed for the order of chunks with --questions (default 0)")
+    y = sub.add_parser("synth", help="Question/answer pairs for each chunk of your documents, from a teacher model")
+    y.add_argument("source", help="A folder of documents (or one file)")
+    y.add_argument("--out", required=True, help="Output data directory (train.jsonl; valid/test.jsonl there are "
+                   "checked for leakage)")
+    y.add_argument("--teacher-url", help="An OpenAI-compatible API (Ollama, llama.cpp server, `liandan serve`): "
+                   "http://127.0.0.1:11434/v1; default: the local --model")
+    y.add_argument("--teacher-model", default=None, help="Model name at --teacher-url (default: its first model)")
+    y.add_argument("--api-key", default="none", help="API key for --teacher-url")
+    y.add_argument("--model", help="Local teacher when there is no --teacher-url (default: smollm2-135m)")
+    y.add_argument("--per-chunk", type=int, default=3, help="Questions asked per chunk (default 3)")
+    y.add_argument("--max-tokens", type=int, default=256, help="Teacher's answer budget per chunk (default 256)")
     return parser
 
 
@@ -105,6 +120,15 @@ def main(args: argparse.Namespace) -> int:
 
         prepare([Path(p) for p in args.inputs], Path(args.out), args.format, args.valid_ratio, args.test_ratio,
                 args.seed, overwrite=args.overwrite, prompt=args.prompt, completion=args.completion, text=args.text, system=args.system)
+        return 0
+    if args.action == "synth":
+        from liandan.docs.synth import synth_main
+
+        return synth_main(args)
+    if args.questions:
+        from liandan.docs.qa import write_retrieval_data
+
+        write_retrieval_data(Path(args.source), Path(args.questions), Path(args.out), args.top_k, args.seed)
         return 0
     from liandan.data.docs import from_docs
 

@@ -54,6 +54,8 @@ def read_document(path: Path) -> str:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise LiandanError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    if "\x00" in text:
+        raise LiandanError(f"{path}: a binary file (it contains NUL bytes), not text")
     if SUFFIXES.get(path.suffix.lower()) == "html":
         parser = _HtmlToMarkdown()
         parser.feed(text)
@@ -132,13 +134,22 @@ def chunk_document(text: str, count, chunk_tokens: int, overlap: int) -> list[tu
     return chunks
 
 
+def document_files(source: Path) -> list[Path]:
+    """The documents under a directory (recursively, sorted), or the one file given."""
+    source = Path(source)
+    if not source.exists():
+        raise LiandanError(f"{source}: no such file or directory")
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+    if not files:
+        raise LiandanError(f"{source}: no .md, .markdown, .txt, .html or .htm files")
+    return files
+
+
 def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: int, log=print) -> int:
     from liandan.data.prepare import write_jsonl
 
     source = Path(source)
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in SUFFIXES)
-    if not files:
-        raise LiandanError(f"{source}: no .md, .markdown, .txt, .html or .htm files")
+    files = document_files(source)
     if overlap >= chunk_tokens:
         raise LiandanError(f"--overlap {overlap} must be smaller than --chunk-tokens {chunk_tokens}")
 

@@ -1,0 +1,1 @@
+"""Documents → answers: retrieval (index), the prompt layout, synthetic questions, side-by-side eval."""
