@@ -40,9 +40,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     _quiet_libraries()
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    command_parser = argparse.ArgumentParser(prog=f"liandan {argv[0]}", description=COMMANDS[argv[0]][1])
+    command_parser = OneLineErrors(prog=f"liandan {argv[0]}", description=COMMANDS[argv[0]][1])
     args = module.build_parser(command_parser).parse_args(argv[1:])
     sys.exit(run(module.main, args))
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line, like every other liandan error (argparse would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"liandan: error: {message} (see {self.prog} --help)\n")
 
 
 def run(func, args) -> int:

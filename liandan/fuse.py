@@ -12,7 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
+from liandan.adapters import RECORD
 from liandan.errors import LiandanError
+from liandan.export.gguf import OUTTYPES
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -21,7 +23,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--save-path", default="fused_model", help="Where to write the fused model (default: fused_model)")
     parser.add_argument("--export-gguf", action="store_true", help="Also write a GGUF file for llama.cpp / Ollama")
     parser.add_argument("--gguf-path", default=None, help="GGUF file (default: SAVE_PATH/ggml-model-f16.gguf)")
-    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensor type (default f16)")
+    parser.add_argument("--outtype", default="f16", choices=OUTTYPES, help="GGUF tensor type (default f16)")
     parser.add_argument("--dequantize", action="store_true",
                         help="Accepted for mlx_lm compatibility: liandan always fuses into dequantized weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
@@ -34,12 +36,11 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
 
     from liandan.adapters import load_adapter, read_record
     from liandan.atomic import atomic_dir
-    from liandan.data.render import rendering_of
-    from liandan.generate import stop_token_ids
+    from liandan.data.render import rendering_of, stop_token_ids
     from liandan.models import Device, load_model, resolve_model
 
     adapter_path, save_path = Path(adapter_path), Path(save_path)
-    if save_path.exists() and any(save_path.iterdir()) and not (save_path / "liandan.json").is_file():
+    if save_path.exists() and any(save_path.iterdir()) and not (save_path / RECORD).is_file():
         raise LiandanError(f"--save-path {save_path} exists and was not written by `liandan fuse`; choose another path")
     record = read_record(adapter_path)
     model_spec = model_spec or record.get("base_model")
@@ -62,7 +63,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
     with atomic_dir(save_path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "liandan.json").write_text(json.dumps(fused_record, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / RECORD).write_text(json.dumps(fused_record, indent=2, ensure_ascii=False), encoding="utf-8")
     log(f"Saved the fused model to {save_path}")
     return fused_record
 

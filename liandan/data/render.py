@@ -178,7 +178,7 @@ class Encoder:
         return Encoded(ids, list(ids), line)
 
     def encode_chat(self, messages: list[dict], tools=None, line: int = 0) -> Encoded:
-        messages = self.prompt_messages([self._clean(m) for m in messages])
+        messages = self.prompt_messages([self.clean_message(m) for m in messages])
         template = self.rendering.chat_template
         stop = self.rendering.stop_tokens[0]
         ids: list[int] = []
@@ -209,7 +209,8 @@ class Encoder:
         whole = render_text(self.tokenizer, self.rendering.chat_template, messages, False, tools)
         return whole.startswith(first.rstrip())
 
-    def _clean(self, message: dict) -> dict:
+    def clean_message(self, message: dict) -> dict:
+        """The message with stop tokens typed at the end of its content removed (counted in hand_typed)."""
         content = message.get("content")
         if isinstance(content, str):
             message = dict(message, content=self.hand_typed.strip(content, self.specials))
@@ -223,3 +224,24 @@ class Encoder:
         if example.text is not None:
             return self.encode_text(example.text, example.line)
         return self.encode_chat(example.messages, example.tools, example.line)
+
+
+def stop_token_ids(tokenizer, model, rendering, extra_eos: list[str] | None = None) -> list[int]:
+    """The trained stop token(s), the model's own EOS ids, and any --extra-eos-token."""
+    ids = set()
+    for token in list(rendering.stop_tokens) + list(extra_eos or []):
+        encoded = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(encoded, int) and encoded != tokenizer.unk_token_id:
+            ids.add(encoded)
+        else:
+            pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1:
+                raise LiandanError(f"--extra-eos-token {token!r} is not a single token of this tokenizer")
+            ids.add(pieces[0])
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in eos if isinstance(eos, list) else [eos]:
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

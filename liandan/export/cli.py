@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from liandan.errors import LiandanError
+from liandan.export.gguf import OUTTYPES
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -14,13 +15,13 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--model", help="Hugging Face model directory (e.g. from `liandan fuse`), .gguf or smollm2-135m")
     g.add_argument("--adapter-path", help="Export this LoRA adapter alone (for llama.cpp --lora / Ollama ADAPTER)")
     g.add_argument("--outfile", required=True, help="GGUF file to write")
-    g.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="Tensor type (default f16)")
+    g.add_argument("--outtype", default="f16", choices=OUTTYPES, help="Tensor type (default f16)")
     o = sub.add_parser("ollama", help="A GGUF and a Modelfile whose TEMPLATE and stop tokens match training")
     o.add_argument("--model", required=True, help="Fused model directory (from `liandan fuse`) or any HF model directory")
     o.add_argument("--name", required=True, help="Ollama model name")
     o.add_argument("--out", default=None, help="Output directory (default: ./NAME-ollama)")
     o.add_argument("--system", default=None, help="SYSTEM prompt (default: the one used in training)")
-    o.add_argument("--outtype", default="q8_0", choices=["f32", "f16", "bf16", "q8_0"], help="Tensor type (default q8_0)")
+    o.add_argument("--outtype", default="q8_0", choices=OUTTYPES, help="Tensor type (default q8_0)")
     return parser
 
 
@@ -37,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
         from liandan.adapters import read_record
         from liandan.data.render import Rendering
 
-        record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
+        record = read_record(model_dir, required=False)
         rendering = Rendering.from_dict(record["rendering"]) if record.get("rendering") else None
         export_gguf(model_dir, Path(args.outfile), args.outtype, rendering.chat_template if rendering else None,
                     rendering.stop_tokens if rendering else None)

@@ -167,7 +167,7 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
 
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
+    record = read_record(model_dir, required=False)
     rendering = rendering_of(record, tokenizer)
     family = pick_family(rendering, tokenizer)
 
