@@ -18,6 +18,7 @@ from liandan.atomic import atomic_path, atomic_write_text
 from liandan.config import TrainConfig
 from liandan.data.render import Rendering
 from liandan.errors import LiandanError
+from liandan.models import unwrap
 
 RECORD = "liandan.json"
 FULL_WEIGHTS = "trained_weights.safetensors"
@@ -26,7 +27,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The list of transformer blocks, whatever the architecture calls it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
     for name in ("layers", "h", "blocks"):
         layers = getattr(decoder, name, None)
@@ -45,10 +46,8 @@ def _layer_prefix(model, index: int) -> str:
 
 def selected_layers(model, num_layers: int) -> list[int]:
     total = len(decoder_layers(model))
-    if num_layers == -1 or num_layers >= total:
+    if num_layers == -1 or num_layers >= total:  # config.py has refused other values below 1
         return list(range(total))
-    if num_layers <= 0:
-        raise LiandanError(f"--num-layers must be positive or -1 (all), got {num_layers}")
     return list(range(total - num_layers, total))
 
 
@@ -93,7 +92,7 @@ def setup_finetuning(model, cfg: TrainConfig):
         )
         trained = get_peft_model(model, config)
     if cfg.grad_checkpoint:
-        base = trained.get_base_model() if hasattr(trained, "get_base_model") else trained
+        base = unwrap(trained)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
@@ -123,10 +122,11 @@ def save_adapter_files(model, directory: Path, record: dict, weights: dict | Non
     atomic_write_text(directory / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
 
 
-def read_record(directory: Path) -> dict:
+def read_record(directory: Path, required: bool = True) -> dict:
+    """The record in an adapter or fused model directory; {} when there is none and `required` is False."""
     path = Path(directory) / RECORD
     if not path.is_file():
-        if (Path(directory) / PEFT_WEIGHTS).is_file():
+        if not required or (Path(directory) / PEFT_WEIGHTS).is_file():
             return {}  # a plain PEFT adapter from another tool: usable, without a rendering record
         raise LiandanError(f"--adapter-path {directory}: no adapter found (expected {RECORD} and {PEFT_WEIGHTS})")
     try:

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 def _dispatch(argv: list[str]) -> int:
     _quiet_libraries()
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    command_parser = argparse.ArgumentParser(prog=f"liandan {argv[0]}", description=COMMANDS[argv[0]][1])
+    command_parser = OneLineErrors(prog=f"liandan {argv[0]}", description=COMMANDS[argv[0]][1])
     args = module.build_parser(command_parser).parse_args(argv[1:])
     return module.main(args)
 
@@ -57,6 +57,13 @@ def _dispatch(argv: list[str]) -> int:
 # Exit codes: 0 done, 1 warnings (`data check`), 2 a problem with the input or options, 3 a bug in liandan.
 # 3 rather than Python's 1, so a crash can never pass for "warnings" in a CI job that accepts 1.
 EXIT_INPUT, EXIT_INTERNAL = 2, 3
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line, like every other liandan error (argparse would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"liandan: error: {message} (see {self.prog} --help)\n")
 
 
 def run(func, args) -> int:

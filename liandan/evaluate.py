@@ -15,16 +15,13 @@ import torch.nn.functional as F
 
 from liandan.data.batching import EncodedSet, collate, eval_batches
 from liandan.data.render import IGNORE
+from liandan.models import unwrap
 
 LOSS_EXPLAINED = (
     "What the loss means: it is the mean negative log-likelihood (natural log) per trained token, i.e. how "
     "surprised the model is, on average, by each answer token; 0 is perfect, and perplexity = e^loss is roughly "
     "the number of tokens it hesitates between. It is not a count of failed examples."
 )
-
-
-def _unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -39,7 +36,7 @@ def loss_terms(model, batch: dict, with_kl: bool = False) -> tuple[torch.Tensor,
     The KL term exists when with_kl and the batch has soft targets (replay examples, see
     data.batching.collate): KL(base ‖ model) at those positions, the base distribution being its
     renormalised top-k."""
-    base = _unwrap(model)
+    base = unwrap(model)
     hidden = base.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     )[0]
@@ -106,7 +103,7 @@ def exact_answers(model, tokenizer, encoder, examples, device, stop_ids) -> list
     for example in examples:
         if example.messages is None:
             continue
-        messages = [encoder._clean(m) for m in example.messages]
+        messages = [encoder.clean_message(m) for m in example.messages]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         expected, reasoning = split_reasoning(messages[last])
         prompt_ids = encoder.prompt_ids(messages[:last], example.tools)

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from liandan.adapters import RECORD
 from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
 from liandan.export.quantize import OUTTYPE_HELP
@@ -40,8 +41,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
 
     from liandan.adapters import load_adapter, read_record
     from liandan.atomic import atomic_dir, check_output
-    from liandan.data.render import rendering_of
-    from liandan.generate import stop_token_ids
+    from liandan.data.render import rendering_of, stop_token_ids
     from liandan.models import Device, load_model, resolve_model
 
     adapter_path, save_path = Path(adapter_path), Path(save_path)
@@ -69,7 +69,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
     with atomic_dir(save_path, keep_others=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "liandan.json").write_text(json.dumps(fused_record, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / RECORD).write_text(json.dumps(fused_record, indent=2, ensure_ascii=False), encoding="utf-8")
     log(f"Saved the fused model to {save_path}")
     return fused_record
 

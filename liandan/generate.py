@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from liandan.data.render import CHAT_TEMPLATE_HELP
+from liandan.data.render import CHAT_TEMPLATE_HELP, stop_token_ids
+from liandan.device import peak_memory_gb
 from liandan.errors import LiandanError
 from liandan.reasoning import ShownAnswer, splitter_for
 
@@ -96,7 +97,9 @@ def stream(model, prompt_ids: list[int], max_tokens: int, stop_ids, device, temp
 
 def _cache_arg(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache`; the old name warns until it is removed."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from liandan.models import unwrap
+
+    base = unwrap(model)
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
@@ -201,41 +204,11 @@ def context_size(pipe: Pipeline) -> int:
     return int(limit) if limit and limit < 10**7 else 2048  # transformers uses ~1e30 for "no limit"
 
 
-def stop_token_ids(tokenizer, model, rendering, extra_eos: list[str] | None = None) -> list[int]:
-    """The trained stop token(s), the model's own EOS ids, and any --extra-eos-token."""
-    ids = set()
-    for token in list(rendering.stop_tokens) + list(extra_eos or []):
-        encoded = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(encoded, int) and encoded != tokenizer.unk_token_id:
-            ids.add(encoded)
-        else:
-            pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
-            if len(pieces) != 1:
-                raise LiandanError(f"--extra-eos-token {token!r} is not a single token of this tokenizer")
-            ids.add(pieces[0])
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in eos if isinstance(eos, list) else [eos]:
-        if value is not None:
-            ids.add(int(value))
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
-
-
 def prompt_ids_for(pipe: Pipeline, prompt: str, ignore_chat_template: bool = False) -> list[int]:
     """Render a user prompt the way the model was trained (chat template), or raw."""
     if ignore_chat_template or pipe.encoder.rendering.prompt_style == "raw":
         return pipe.tokenizer(prompt, add_special_tokens=True)["input_ids"]
     return pipe.encoder.prompt_ids([{"role": "user", "content": prompt}])
-
-
-def peak_memory_gb(device=None) -> float:
-    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
 # ---------------------------------------------------------------- CLI

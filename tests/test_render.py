@@ -3,7 +3,15 @@
 from transformers import AutoTokenizer
 
 from liandan.data.formats import Example
-from liandan.data.render import IGNORE, PLAIN_CHAT_TEMPLATE, Encoder, make_rendering
+from liandan.data.render import IGNORE, PLAIN_CHAT_TEMPLATE, Encoder, make_rendering, stop_token_ids
+
+# Llama 3's chat template (as in its tokenizer_config.json, without the date/tools preamble): a turn ends
+# with <|eot_id|>, and <|end_of_text|> is the EOS token, so the two differ as they do in the real model.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
 
 
 def qa(prompt, completion):
@@ -17,6 +25,23 @@ def trained_text(tok, enc):
 def test_stop_token_is_the_turn_end_of_the_template(qwen_tokenizer, llama_tokenizer):
     assert make_rendering(qwen_tokenizer).stop_tokens == ["<|im_end|>"]
     assert make_rendering(llama_tokenizer).stop_tokens == ["<|im_end|>"]
+
+
+def test_stop_token_of_a_llama3_template_is_eot_id(tiny_llama):
+    """Not ChatML: SmolLM2's tokenizer given Llama 3's special tokens and template trains and stops on <|eot_id|>."""
+    from types import SimpleNamespace
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                            "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.chat_template = LLAMA3_TEMPLATE
+    rendering = make_rendering(tok)
+    assert rendering.stop_tokens == ["<|eot_id|>"]
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    enc = Encoder(tok, rendering).encode_chat(qa("Capital of France?", "Paris"))
+    assert enc.input_ids[-1] == eot and trained_text(tok, enc) == "Paris<|eot_id|>"
+    stops = stop_token_ids(tok, SimpleNamespace(generation_config=None), rendering)
+    assert stops == sorted({eot, tok.convert_tokens_to_ids("<|end_of_text|>")})  # the turn end and the EOS
 
 
 def test_seed_data_without_stop_token_trains_the_stop(qwen_tokenizer):

@@ -46,8 +46,9 @@ def test_replay_prompt_file_errors_name_the_line(tmp_path):
 def test_replay_is_mixed_in_at_the_ratio_deterministically():
     data = EncodedSet("train.jsonl", "completions", [Encoded([1] * (5 + i), [IGNORE] + [1] * (4 + i)) for i in range(8)])
     replay = [Encoded([2] * 30, [IGNORE] * 10 + [2] * 20) for _ in range(3)]
-    first = iterate_batches(data, 2, seed=0, replay=replay, replay_ratio=0.5)
-    again = iterate_batches(data, 2, seed=0, replay=replay, replay_ratio=0.5)
+    pick = lambda rng: replay_indices(len(data), len(replay), 0.5, rng)  # noqa: E731 (what train.py passes in)
+    first = iterate_batches(data, 2, seed=0, replay=replay, pick_replay=pick)
+    again = iterate_batches(data, 2, seed=0, replay=replay, pick_replay=pick)
     epoch0 = [b for e, b in (next(first) for _ in range(6))]
     assert epoch0 == [b for e, b in (next(again) for _ in range(6))]
     seen = sorted(i for b in epoch0 for i in b)
@@ -63,9 +64,8 @@ def test_soft_targets_line_up_with_trained_positions(tmp_path, tiny_llama):
     """The cached top-k log-probs of each replay answer token equal a fresh forward pass at that position."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from liandan.data.render import Encoder, make_rendering
+    from liandan.data.render import Encoder, make_rendering, stop_token_ids
     from liandan.evaluate import loss_terms
-    from liandan.generate import stop_token_ids
     from liandan.replay import replay_pool
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()

@@ -22,18 +22,13 @@ class EncodedSet:
         return len(self.items)
 
 
-LONG_EXAMPLE_POLICIES = ("truncate", "split", "drop")
-
-
 def encode_file(data: DataFile, encoder: Encoder, max_seq_length: int, log=print, long_examples: str | None = None) -> EncodedSet:
     """Encode every example of a file; over-long ones are split (text), truncated (chats) or dropped.
 
     long_examples None picks the default: split documents into windows (nothing is lost), truncate
     conversations (a split chat would train answers without their question).
     """
-    policy = long_examples or ("split" if data.format == "text" else "truncate")
-    if policy not in LONG_EXAMPLE_POLICIES:
-        raise LiandanError(f"--long-examples {policy}: expected one of {', '.join(LONG_EXAMPLE_POLICIES)}")
+    policy = long_examples or ("split" if data.format == "text" else "truncate")  # checked in config.py
     if policy == "split" and data.format != "text":
         log(f"Note: {data.path.name}: --long-examples split applies to text; over-long {data.format} examples are truncated.")
         policy = "truncate"
@@ -148,14 +143,13 @@ def collate(items: list[Encoded], pad_id: int, device) -> dict:
 
 
 def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: int = 0,
-                    replay: list[Encoded] | None = None, replay_ratio: float = 0.0, order: str = "random"):
+                    replay: list[Encoded] | None = None, pick_replay=None, order: str = "random"):
     """Endless training batches (lists of indices), reshuffled each epoch. order "random": random draws
     of examples; "length": batches of similar lengths (mlx_lm's), in random order.
 
-    With `replay` (liandan.replay), each epoch also mixes in round(replay_ratio × examples) of those
-    items; their indices continue after the data's (len(data) + position in replay)."""
-    from liandan.replay import replay_indices
-
+    With `replay` (liandan.replay), each epoch also mixes in the items `pick_replay(epoch_rng)` chooses
+    (positions in `replay`, e.g. replay.replay_indices); their batch indices continue after the data's
+    (len(data) + position in replay)."""
     lengths = [len(x.input_ids) for x in data.items]
     n = len(lengths)
     if n < batch_size:
@@ -167,7 +161,7 @@ def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: i
     epoch = start_epoch
     while True:
         rng = random.Random(seed * 1_000_003 + epoch)
-        pool = list(range(n)) + [n + j for j in replay_indices(n, len(replay), replay_ratio, rng)]
+        pool = list(range(n)) + [n + j for j in (pick_replay(rng) if replay and pick_replay else [])]
         if order == "random":
             cut = random_batches(len(pool), batch_size, rng)
         else:

@@ -61,10 +61,12 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _add_field_names(parser):
-    parser.add_argument("--prompt-feature", default="prompt")
-    parser.add_argument("--completion-feature", default="completion")
-    parser.add_argument("--text-feature", default="text")
-    parser.add_argument("--chat-feature", default="messages")
+    from liandan.data.formats import FieldNames
+
+    parser.add_argument("--prompt-feature", default=FieldNames.prompt)
+    parser.add_argument("--completion-feature", default=FieldNames.completion)
+    parser.add_argument("--text-feature", default=FieldNames.text)
+    parser.add_argument("--chat-feature", default=FieldNames.chat)
 
 
 def shown_examples(target: Path, encoder, names, count: int) -> list[str]:

@@ -62,6 +62,21 @@ def detect_format(record: dict, names: FieldNames) -> str | None:
     return None
 
 
+def record_format(record: dict, names: FieldNames, where: str, started_as: str | None = None,
+                  unit: tuple[str, str] = ("line", "file")) -> str:
+    """The record's format; an error when it has no known keys or differs from the format the
+    file (or dataset split) started with. `unit`: what a record and its container are called."""
+    fmt = detect_format(record, names)
+    if fmt is None:
+        raise LiandanError(
+            f"{where}: no known keys; expected '{names.text}', '{names.prompt}'+'{names.completion}', "
+            f"or '{names.chat}' (found: {', '.join(sorted(record)) or 'none'})"
+        )
+    if started_as is not None and fmt != started_as:
+        raise LiandanError(f"{where}: this {unit[0]} is in the {fmt} format but the {unit[1]} started as {started_as}")
+    return fmt
+
+
 def scan_jsonl(path: str | Path, names: FieldNames | None = None, max_line_bytes: int = MAX_LINE_BYTES, progress=None):
     """Stream a JSONL file: yield (format, Example) or (None, LiandanError) per non-empty line.
 
@@ -88,16 +103,7 @@ def scan_jsonl(path: str | Path, names: FieldNames | None = None, max_line_bytes
             record = parse_json(raw, where)
             if not isinstance(record, dict):
                 raise LiandanError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            fmt = detect_format(record, names)
-            if fmt is None:
-                raise LiandanError(
-                    f"{where}: no known keys; expected '{names.text}', '{names.prompt}'+'{names.completion}', "
-                    f"or '{names.chat}' (found: {', '.join(sorted(record)) or 'none'})"
-                )
-            if file_format is None:
-                file_format = fmt
-            elif fmt != file_format:
-                raise LiandanError(f"{where}: this line is in the {fmt} format but the file started as {file_format}")
+            fmt = file_format = record_format(record, names, where, file_format)
             yield fmt, _normalise(record, fmt, names, where, line_no)
         except LiandanError as exc:
             yield None, exc
@@ -291,14 +297,8 @@ def _datafile_from_records(records, label: Path, names: FieldNames) -> DataFile:
     data = None
     for index, record in enumerate(records, start=1):
         where = f"{label}:{index}"
-        fmt = detect_format(record, names)
-        if fmt is None:
-            raise LiandanError(f"{where}: no known keys; expected '{names.text}', '{names.prompt}'+'{names.completion}', "
-                               f"or '{names.chat}' (found: {', '.join(sorted(record))})")
-        if data is None:
-            data = DataFile(label, fmt)
-        elif fmt != data.format:
-            raise LiandanError(f"{where}: this row is in the {fmt} format but the split started as {data.format}")
+        fmt = record_format(record, names, where, data.format if data else None, ("row", "split"))
+        data = data or DataFile(label, fmt)
         data.examples.append(_normalise(record, fmt, names, where, index))
     if data is None:
         raise LiandanError(f"{label}: the split is empty")

@@ -220,7 +220,7 @@ class Encoder:
         generate it (think block included, data/template.py), then the turn end. With `limit`, stop after the
         turn that takes it past `limit` tokens: what follows is cut by truncation or dropped anyway, and
         rendering every prefix of a 10,000-turn chat would take minutes (each renders the whole history)."""
-        messages = self.prompt_messages([self._as_rendered(self._clean(m)) for m in messages])
+        messages = self.prompt_messages([self._as_rendered(self.clean_message(m)) for m in messages])
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         encoded = Encoded([], [], line)
         done = ""  # rendered text already turned into tokens
@@ -269,7 +269,8 @@ class Encoder:
             out[self.layout.reasoning_key or "_reasoning"] = reasoning
         return out
 
-    def _clean(self, message: dict) -> dict:
+    def clean_message(self, message: dict) -> dict:
+        """The message with stop tokens typed at the end of its content removed (counted in hand_typed)."""
         content = message.get("content")
         if isinstance(content, str):
             message = dict(message, content=self.hand_typed.strip(content, self.specials))
@@ -284,6 +285,27 @@ class Encoder:
         if example.text is not None:
             return self.encode_text(example.text, example.line)
         return self.encode_chat(example.messages, example.tools, example.line, limit)
+
+
+def stop_token_ids(tokenizer, model, rendering, extra_eos: list[str] | None = None) -> list[int]:
+    """The trained stop token(s), the model's own EOS ids, and any --extra-eos-token."""
+    ids = set()
+    for token in list(rendering.stop_tokens) + list(extra_eos or []):
+        encoded = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(encoded, int) and encoded != tokenizer.unk_token_id:
+            ids.add(encoded)
+        else:
+            pieces = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1:
+                raise LiandanError(f"--extra-eos-token {token!r} is not a single token of this tokenizer")
+            ids.add(pieces[0])
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in eos if isinstance(eos, list) else [eos]:
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
 
 
 TRAINED_MARKS = ("⟦", "⟧")

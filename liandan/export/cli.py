@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         from liandan.adapters import read_record
         from liandan.data.render import Rendering, rendering_of
 
-        record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
+        record = read_record(model_dir, required=False)
         rendering = Rendering.from_dict(record["rendering"]) if record.get("rendering") else None
         if args.chat_template:
             from transformers import AutoTokenizer

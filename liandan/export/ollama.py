@@ -104,7 +104,7 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
 
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    record = read_record(model_dir) if (model_dir / "liandan.json").is_file() else {}
+    record = read_record(model_dir, required=False)
     rendering = rendering_of(record, tokenizer, chat_template=chat_template)
     wrappers = template_wrappers(rendering, tokenizer, tokenizer.bos_token if adds_bos(model_dir) else "")
     system = system if system is not None else rendering.system_prompt

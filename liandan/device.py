@@ -1,0 +1,60 @@
+"""Where a model runs: the device, its default dtype, and the peak memory a run used there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --dtype spellings -> torch dtype names (config.py validates --dtype against these keys).
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+@dataclass
+class Device:
+    """Where the model runs and in which precision."""
+
+    type: str  # "cpu", "cuda" or "mps"
+    dtype: "object"  # a torch.dtype
+
+    @property
+    def torch_device(self):
+        import torch
+
+        return torch.device(self.type)
+
+
+def pick_device(dtype: str | None = None) -> Device:
+    """CUDA, then MPS, then CPU. fp32 on CPU (bf16 matmuls are ~100x slower on CPUs without AVX-512-BF16),
+    bf16 on CUDA cards that support it."""
+    import torch
+
+    from liandan.errors import LiandanError
+
+    if torch.cuda.is_available():
+        kind = "cuda"
+        default = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        kind, default = "mps", torch.float32
+    else:
+        kind, default = "cpu", torch.float32
+    if dtype:
+        if dtype not in DTYPES:  # lora's --dtype is checked in config.py; generate/chat/serve pass theirs here
+            raise LiandanError(f"--dtype {dtype} is not one of {', '.join(sorted(set(DTYPES.values())))}")
+        default = getattr(torch, DTYPES[dtype])
+    return Device(kind, default)
+
+
+def peak_memory_gb(device=None) -> float:
+    """Peak memory of this process on `device` (a torch.device, a Device or a name; None: CUDA when present):
+    the CUDA allocator's peak on a GPU, the maximum resident set size elsewhere."""
+    import torch
+
+    kind = getattr(device, "type", device)
+    if kind is None:
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(kind).startswith("cuda"):
+        index = getattr(device, "index", None)
+        return torch.cuda.max_memory_allocated(index) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
