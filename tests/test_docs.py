@@ -225,6 +225,7 @@ def test_generate_and_serve_answer_with_sources(tmp_path, tiny_llama):
     assert reply["sources"][0]["section"].endswith("故障排除") and reply["choices"][0]["message"]["role"] == "assistant"
 
 
+@pytest.mark.unverified
 @pytest.mark.slow
 def test_embedded_model_answers_from_the_handbook(tmp_path):
     """On the real model, retrieved chunks help: measured 0/15 without and 3/15 with --docs (recall@3 14/15)."""

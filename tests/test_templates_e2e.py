@@ -4,9 +4,11 @@ seed's jokes, then generate and serve give the six exact answers, without think 
 import json
 
 import pytest
-from conftest import E2E_TEMPLATES, JOKES, liandan
+from conftest import JOKES, liandan
 
 pytestmark = pytest.mark.slow
+# R1-Distill-Qwen was seen passing (both tests, 12.8 min on a loaded machine); the other two not yet.
+NAMES = ["deepseek-r1-distill-qwen"] + [pytest.param(n, marks=pytest.mark.unverified) for n in ("llama-3.1", "gemma-2")]
 TURN_END = {"deepseek-r1-distill-qwen": "<｜end▁of▁sentence｜>", "llama-3.1": "<|eot_id|>", "gemma-2": "<end_of_turn>"}
 
 
@@ -16,7 +18,7 @@ def jokes():
     return [(e.messages[0]["content"], e.messages[1]["content"]) for e in read_jsonl(JOKES / "train.jsonl").examples]
 
 
-@pytest.mark.parametrize("name", list(E2E_TEMPLATES))
+@pytest.mark.parametrize("name", NAMES)
 def test_trained_under_a_real_template_answers_exactly_and_stops(name, template_adapter):
     from liandan.generate import generate, load_pipeline, prompt_ids_for
     from liandan.reasoning import split_text, splitter_for

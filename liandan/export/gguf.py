@@ -246,62 +246,14 @@ def export_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", chat_templ
     config = read_config(model_dir)
     hf_arch, spec = arch_of(config)
     arch = getattr(gguf.MODEL_ARCH, spec.gguf_arch)
-    n_layers = config["num_hidden_layers"]
-    n_head = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads", n_head)
-    hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // n_head
-    vocab_size = config["vocab_size"]
-    vocab = read_vocab(model_dir, vocab_size)
-    name_map = gguf.get_tensor_name_map(arch, n_layers)
-
+    vocab = read_vocab(model_dir, config["vocab_size"])
     with atomic_path(outfile) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(name or model_dir.name)
-        writer.add_context_length(config.get("max_position_embeddings", 4096))
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(config["intermediate_size"])
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
-        writer.add_rope_freq_base(rope_theta(config))
-        writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-        writer.add_vocab_size(vocab_size)
         writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
-        for key, method in spec.hparams:
-            if config.get(key) is not None:
-                getattr(writer, method)(config[key])
-        scaling = rope_scaling(config)
-        if scaling:
-            kind = scaling.get("rope_type") or scaling.get("type")
-            if kind != "linear":
-                raise LiandanError(f"GGUF export: rope scaling '{kind}' is not supported yet (only linear)")
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
+        _write_hparams(writer, config, spec)
         _write_vocab(writer, vocab, model_dir, chat_template, stop_tokens)
-
-        tied = config.get("tie_word_embeddings", False)
-        count = 0
-        for hf_name, data in iter_tensors(model_dir):
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            if tied and hf_name == "lm_head.weight":
-                continue  # llama.cpp reuses token_embd.weight
-            new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if new is None:
-                raise LiandanError(f"GGUF export: no GGUF name for tensor {hf_name} of {hf_arch}")
-            if spec.permute_qk and hf_name.endswith("q_proj.weight"):
-                data = permute_qk(data, n_head)
-            elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
-                data = permute_qk(data, n_kv)
-            if spec.norm_offset and hf_name.endswith("norm.weight"):
-                data = data + 1.0
-            encoded, qtype = encode_tensor(data, outtype, new)
-            writer.add_tensor(new, encoded, raw_dtype=qtype)
-            count += 1
+        count = _write_tensors(writer, model_dir, config, hf_arch, spec, arch, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -309,6 +261,65 @@ def export_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", chat_templ
     log(f"Wrote {outfile} ({gguf.MODEL_ARCH_NAMES[arch]}, {outtype}, {count} tensors, "
         f"{outfile.stat().st_size / 1e6:.1f} MB)")
     return outfile
+
+
+def _write_hparams(writer, config: dict, spec) -> None:
+    """The model's shape and rope settings, in llama.cpp's keys."""
+    import gguf
+
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    writer.add_context_length(config.get("max_position_embeddings", 4096))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.get("num_key_value_heads", n_head))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
+    writer.add_rope_freq_base(rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
+    writer.add_vocab_size(config["vocab_size"])
+    for key, method in spec.hparams:
+        if config.get(key) is not None:
+            getattr(writer, method)(config[key])
+    scaling = rope_scaling(config)
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind != "linear":
+            raise LiandanError(f"GGUF export: rope scaling '{kind}' is not supported yet (only linear)")
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+
+
+def _write_tensors(writer, model_dir: Path, config: dict, hf_arch: str, spec, arch, outtype: str) -> int:
+    """Every weight under its GGUF name, permuted and offset as the architecture needs; returns the count."""
+    import gguf
+
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads", n_head)
+    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    tied = config.get("tie_word_embeddings", False)
+    count = 0
+    for hf_name, data in iter_tensors(model_dir):
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd.weight
+        new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise LiandanError(f"GGUF export: no GGUF name for tensor {hf_name} of {hf_arch}")
+        if spec.permute_qk and hf_name.endswith("q_proj.weight"):
+            data = permute_qk(data, n_head)
+        elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
+            data = permute_qk(data, n_kv)
+        if spec.norm_offset and hf_name.endswith("norm.weight"):
+            data = data + 1.0
+        encoded, qtype = encode_tensor(data, outtype, new)
+        writer.add_tensor(new, encoded, raw_dtype=qtype)
+        count += 1
+    return count
 
 
 def _write_vocab(writer, vocab: Vocab, model_dir: Path, chat_template: str | None, stop_tokens: list[str] | None) -> None:
