@@ -60,12 +60,8 @@ QWEN25_TEMPLATE = (
 )
 
 
-def _save_tiny(config, tokenizer, out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
+def _save_model_dir(model, tokenizer, out: Path) -> Path:
+    """Write model + tokenizer beside `out`, then swap it in: an interrupted build never leaves a half cache."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -73,6 +69,15 @@ def _save_tiny(config, tokenizer, out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _save_tiny(config, tokenizer, out: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    return _save_model_dir(model, tokenizer, out)
 
 
 def smollm2_tokenizer():
@@ -289,13 +294,7 @@ def embedded_model_with_template(name: str, template: str, bos: str, eos: str, o
     model.config.eos_token_id = tokenizer.convert_tokens_to_ids(eos)
     model.generation_config.bos_token_id = model.config.bos_token_id
     model.generation_config.eos_token_id = model.config.eos_token_id
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return _save_model_dir(model, tokenizer, out)
 
 
 @functools.lru_cache(maxsize=1)
