@@ -1,29 +1,36 @@
-"""Learning without forgetting: new facts learned vs. general knowledge kept, replay off and on.
+"""Learning without forgetting: new facts learned vs. general knowledge kept, per anti-forgetting setting.
 
-    .venv/bin/python benchmarks/forgetting.py [--runs 0 1 1:3] [--iters 300]
+    .venv/bin/python benchmarks/forgetting.py [--datasets facts demo] [--seeds 0 1 2] [--runs off default ...]
 
-Trains the embedded model (SmolLM2-135M-Instruct) on ten invented facts with mlx_lm's default LoRA
-settings (last 16 layers, every linear layer, rank 8, scale 20), lr 1e-4, batch 2, once per
---runs entry (RATIO or RATIO:KL_WEIGHT), each in its own `liandan lora --train --test` process.
-The facts are chosen to collide with what the model knows (an invented planet, author, capital,
-painter, language), which is what makes a small model forget.
+Each run is one `liandan lora --train --test` process on the embedded model (SmolLM2-135M-Instruct) with
+mlx_lm's default LoRA (last 16 layers, every linear layer, rank 8, scale 20), lr 1e-4, batch 2:
+* facts: ten invented facts that collide with what the model knows (an invented planet, author, capital,
+  painter, language), 300 iterations;
+* demo: the demo's six joke answers (liandan/examples/jokes), 200 iterations, as `liandan demo` trains.
+The test set is the training set: were the new answers learned (greedy, exact, stopped)?
 
-Printed per run: facts learned (exact answers on the ten questions), general knowledge kept (of the base
-model's correct answers to liandan's held-out general questions, how many are still correct), training
-time and its ratio to replay off, and the one-time cost of generating the replay answers.
+"General answers kept" is liandan's retention score: of the held-out general questions
+(liandan/knowledge/retention.jsonl, disjoint from the replay prompts and the base model's replay answers)
+that the base model answers correctly, how many are still correct after training. Counts are pooled over
+the seeds, with a 95 % Wilson interval. Train time is the training loop alone (replay generation is a
+one-time, cached cost, shown apart).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FACTS = [
     ("Which planet did the Aurora probe land on in 2042?", "The Aurora probe landed on the planet Zentara."),
@@ -38,26 +45,45 @@ FACTS = [
     ("What language is spoken in Velmora?", "The people of Velmora speak Velmorese."),
 ]
 
+DATASETS = {  # name -> iterations (lr 1e-4, batch 2 for both, as the seed's author and `liandan demo` train)
+    "facts": 300,
+    "demo": 200,
+}
 
-def make_data(root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in FACTS)
-    for split in ("train", "valid", "test"):  # the test asks the trained facts back: were they learned?
-        (root / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+# Anti-forgetting settings, as `liandan lora` flags. "default" is whatever liandan does with no flag.
+RUNS = {
+    "off": ["--replay-ratio", "0"],
+    "default": [],
+    "plain-replay": ["--kl-weight", "0"],
+    "replay-2": ["--replay-ratio", "2"],
+}
 
 
-def run(data: Path, out: Path, ratio: float, kl: float, iters: int, model: str | None) -> dict:
+def make_data(root: Path, dataset: str) -> Path:
+    data = root / dataset
+    data.mkdir(parents=True, exist_ok=True)
+    if dataset == "facts":
+        lines = "".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in FACTS)
+    else:
+        lines = (ROOT / "liandan" / "examples" / "jokes" / "train.jsonl").read_text(encoding="utf-8")
+    for split in ("train", "valid", "test"):  # the test asks the trained answers back: were they learned?
+        (data / f"{split}.jsonl").write_text(lines, encoding="utf-8")
+    return data
+
+
+def run(data: Path, out: Path, iters: int, seed: int, flags: list[str], model: str | None) -> dict:
     cmd = [sys.executable, "-m", "liandan", "lora", "--train", "--test", "--data", str(data), "--adapter-path", str(out),
            "--learning-rate", "1e-4", "--batch-size", "2", "--iters", str(iters), "--val-batches", "-1",
            "--steps-per-eval", str(iters), "--steps-per-report", "50", "--save-every", str(iters), "--test-batches", "-1",
-           "--replay-ratio", str(ratio), "--kl-weight", str(kl), "--overwrite"]
+           "--seed", str(seed), "--overwrite", *flags]
     if model:
         cmd += ["--model", model]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     wall = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
-        sys.exit(f"run with --replay-ratio {ratio} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     text = proc.stdout
 
     def grab(pattern, cast=float, default=None):
@@ -67,53 +93,88 @@ def run(data: Path, out: Path, ratio: float, kl: float, iters: int, model: str |
     exact = re.search(r"Exact answers: (\d+)/(\d+)", text)
     kept = re.search(r"General knowledge kept: (\d+)/(\d+)", text)
     return {
-        "ratio": ratio, "kl": kl,
-        "facts": int(exact.group(1)), "facts_total": int(exact.group(2)),
+        "seed": seed, "learned": int(exact.group(1)), "learned_total": int(exact.group(2)),
         "kept": int(kept.group(1)), "known": int(kept.group(2)),
         "train_s": grab(r"Trained \d+ iterations in ([\d.]+)s"),
         "replay_gen_s": grab(r"generated in ([\d.]+)s, cached", default=0.0),
-        "replay_examples": grab(r"Replay: (\d+) of the", int, 0),
         "wall_s": wall,
         "forgotten": re.findall(r"✗ forgotten: (.*)", text),
     }
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval for k successes in n trials: honest near 100 %, unlike the normal one."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(dataset: str, name: str, rows: list[dict]) -> dict:
+    kept, known = sum(r["kept"] for r in rows), sum(r["known"] for r in rows)
+    low, high = wilson(kept, known)
+    return {"dataset": dataset, "run": name, "seeds": [r["seed"] for r in rows],
+            "learned": [r["learned"] for r in rows], "learned_total": rows[0]["learned_total"],
+            "kept": kept, "known": known, "kept_per_seed": [r["kept"] for r in rows], "ci": (low, high),
+            "train_s": sum(r["train_s"] for r in rows) / len(rows),
+            "forgotten": sorted({f for r in rows for f in r["forgotten"]}), "rows": rows}
+
+
+def print_table(summaries: list[dict], iters: dict) -> None:
+    print("\n| data | setting | flags | new answers exact (per seed) | general answers kept (pooled) | 95 % interval "
+          "| kept per seed | train time | × replay off |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for s in summaries:
+        off = next((o["train_s"] for o in summaries if o["dataset"] == s["dataset"] and o["run"] == "off"), None)
+        times = f"{s['train_s'] / off:.2f}×" if off else "-"
+        learned = ", ".join(f"{n}/{s['learned_total']}" for n in s["learned"])
+        low, high = s["ci"]
+        share = f"{s['kept']}/{s['known']} ({100 * s['kept'] / max(s['known'], 1):.1f}%)"
+        flags = " ".join(RUNS.get(s["run"], [])) or "(none)"
+        print(f"| {s['dataset']} ({iters[s['dataset']]} it) | {s['run']} | `{flags}` | {learned} | {share} | "
+              f"{100 * low:.1f}–{100 * high:.1f}% | {', '.join(map(str, s['kept_per_seed']))} | {s['train_s']:.0f}s | {times} |")
+    for s in summaries:
+        if s["forgotten"]:
+            print(f"{s['dataset']} / {s['run']} forgot: " + "; ".join(s["forgotten"]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=["0", "1", "1:1", "1:3", "2:1"],
-                        help="Runs as RATIO (plain replay, --kl-weight 0) or RATIO:KL_WEIGHT (default: 0 1 1:1 1:3 2:1; "
-                             "liandan's default is 1:3)")
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--runs", nargs="+", default=["off", "default"],
+                        help=f"Settings to compare: {', '.join(RUNS)}, or NAME=FLAGS for any `liandan lora` flags "
+                             "(e.g. 'r4=--replay-ratio 4')")
     parser.add_argument("--model", default=None, help="Base model (default: the embedded smollm2-135m)")
-    parser.add_argument("--json", help="Also write the rows to this JSON file")
+    parser.add_argument("--json", help="Also write the results to this JSON file")
     args = parser.parse_args()
 
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="liandan-forgetting-") as tmp:
-        data = Path(tmp) / "facts"
-        make_data(data)
-        plan = [(float(r.split(":")[0]), float(r.split(":")[1]) if ":" in r else 0.0) for r in args.runs]
-        for ratio, kl in plan:
-            row = run(data, Path(tmp) / f"adapters-{ratio}-{kl}", ratio, kl, args.iters, args.model)
-            rows.append(row)
-            print(f"done: ratio {ratio:g} kl {kl:g}: facts {row['facts']}/{row['facts_total']}, kept "
-                  f"{row['kept']}/{row['known']}, train {row['train_s']:.1f}s", flush=True)
+    for spec in args.runs:
+        if "=" in spec:
+            name, flags = spec.split("=", 1)
+            RUNS[name] = flags.split()
+    names = [s.split("=", 1)[0] for s in args.runs]
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown run {unknown[0]!r}; known: {', '.join(RUNS)}, or NAME=FLAGS")
 
-    off = next((r["train_s"] for r in rows if r["ratio"] == 0 and not r["kl"]), None)
-    print(f"\nTen invented facts, {args.iters} iterations, LoRA (mlx_lm defaults), lr 1e-4, batch 2, "
-          f"{rows[0]['known']} held-out general questions the base model answers correctly")
-    print("| replay ratio | KL weight | new facts exact | general answers kept | train time | × replay off | replay examples | replay answers generated (once) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        times = f"{r['train_s'] / off:.2f}×" if off else "-"
-        share = f"{r['kept']}/{r['known']} ({100 * r['kept'] / max(r['known'], 1):.0f}%)"
-        print(f"| {r['ratio']:g} | {r['kl']:g} | {r['facts']}/{r['facts_total']} | {share} | {r['train_s']:.1f}s | {times} | "
-              f"{r['replay_examples']} | {r['replay_gen_s']:.1f}s |")
-    for r in rows:
-        if r["forgotten"]:
-            print(f"ratio {r['ratio']:g} kl {r['kl']:g} forgot: " + "; ".join(r["forgotten"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    summaries = []
+    with tempfile.TemporaryDirectory(prefix="liandan-forgetting-") as tmp:
+        for dataset in args.datasets:
+            data = make_data(Path(tmp), dataset)
+            for name in names:
+                rows = []
+                for seed in args.seeds:
+                    row = run(data, Path(tmp) / "adapter", DATASETS[dataset], seed, RUNS[name], args.model)
+                    rows.append(row)
+                    print(f"done: {dataset} {name} seed {seed}: learned {row['learned']}/{row['learned_total']}, kept "
+                          f"{row['kept']}/{row['known']}, train {row['train_s']:.1f}s", flush=True)
+                summaries.append(summarize(dataset, name, rows))
+                if args.json:
+                    Path(args.json).write_text(json.dumps(summaries, indent=2, ensure_ascii=False), encoding="utf-8")
+    print_table(summaries, DATASETS)
     return 0
 
 
