@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from liandan.errors import LiandanError
-from liandan.export.gguf import ARCHITECTURES, CHECK_TEXT, PRE_TOKENIZERS, export_gguf, permute_qk
+from liandan.export.gguf import ARCHITECTURES, CHECK_TEXT, PRE_TOKENIZERS, export_gguf, permute_qk, rope_settings
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256, initializer_range=0.2)
@@ -25,8 +25,13 @@ def tiny_configs(vocab_size):
         "GemmaForCausalLM": GemmaConfig(vocab_size=vocab_size, head_dim=16, hidden_activation="gelu_pytorch_tanh", **SMALL),
         "Gemma2ForCausalLM": Gemma2Config(vocab_size=vocab_size, head_dim=16, query_pre_attn_scalar=16,
                                           sliding_window=128, **SMALL),
+        # Per-layer-type rope, neither llama.cpp's defaults (sliding base 10000, 5 sliding layers of 6): the
+        # logits match only if the GGUF says which layer slides and the sliding layers' rope base.
         "Gemma3ForCausalLM": Gemma3TextConfig(vocab_size=vocab_size, head_dim=16, query_pre_attn_scalar=16,
-                                              sliding_window=128, **SMALL),
+                                              sliding_window=128, layer_types=["full_attention", "sliding_attention"],
+                                              rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                               "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                                              **SMALL),
         "Phi3ForCausalLM": Phi3Config(vocab_size=vocab_size, pad_token_id=None, tie_word_embeddings=False, **SMALL),
     }
 
@@ -82,6 +87,17 @@ def test_qk_permutation_matches_interleaved_rope():
     p = permute_qk(w, 2)
     # Within a head, rows [0..3] and [4..7] (HF's halves) become interleaved pairs (0,4), (1,5), ...
     assert p[:8, 0].tolist() == [0, 12, 3, 15, 6, 18, 9, 21]
+
+
+def test_gemma3_rope_settings_read_alike_from_old_and_new_configs():
+    new = {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    old = {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    (new_global, new_sliding), (old_global, old_sliding) = rope_settings(new), rope_settings(old)
+    assert new_global == old_global == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    assert new_sliding["rope_theta"] == old_sliding["rope_theta"] == 1e4
+    assert rope_settings({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}) == \
+        ({"rope_theta": 5e5, "rope_type": "default"}, {})
 
 
 def test_pre_tokenizer_hashes(llama_tokenizer, qwen_tokenizer):

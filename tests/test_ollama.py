@@ -11,8 +11,8 @@ import fixtures
 from fixtures import real_templates
 from transformers import AutoTokenizer
 
-from liandan.data.wrappers import PROBES, infer, render
-from liandan.data.render import make_rendering, render_text
+from liandan.data.render import make_rendering, render_text, template_model
+from liandan.data.template import PROBES
 from liandan.errors import LiandanError
 from liandan.export.ollama import go_template, template_wrappers
 
@@ -60,7 +60,7 @@ def probe_cases(wrappers, jinja):
             continue
         expected = jinja(conv)
         expected = expected[len(wrappers.bos):] if wrappers.bos and expected.startswith(wrappers.bos) else expected
-        assert render(wrappers, system_of(conv), conv) == expected
+        assert wrappers.render(system_of(conv), conv) == expected
         out.append(((go_template(wrappers), system_of(conv), conv), expected))
     return out
 
@@ -85,7 +85,7 @@ def test_every_real_template_gets_a_go_template_equal_to_jinja(go_render, plain_
     for name, template in templates.items():
         jinja = jinja_of(plain_tokenizer, template)
         try:
-            wrappers = infer(jinja, "<s>")
+            wrappers = template_model(plain_tokenizer, template, "<s>").wrappers
         except LiandanError as exc:
             refused[name] = str(exc)
             continue
@@ -123,7 +123,7 @@ def test_wrapper_strings_that_look_like_go_syntax_stay_literal(go_render, plain_
     template = ("{% for m in messages %}{{ '{{' + m.role + '}} \"\"\"' + m.content + '{{ end }}\\n' }}{% endfor %}"
                 "{% if add_generation_prompt %}{{ '{{assistant}} \"\"\"' }}{% endif %}")
     jinja = jinja_of(plain_tokenizer, template)
-    cases = probe_cases(infer(jinja), jinja)
+    cases = probe_cases(template_model(plain_tokenizer, template).wrappers, jinja)
     assert '"""' not in cases[0][0][0]
     assert go_render([case for case, _ in cases]) == [expected for _, expected in cases]
 
@@ -136,7 +136,7 @@ def test_wrapper_strings_that_look_like_go_syntax_stay_literal(go_render, plain_
 ])
 def test_templates_wrappers_cannot_describe_are_refused_in_one_line(template, reason, plain_tokenizer):
     with pytest.raises(LiandanError, match=reason) as info:
-        infer(jinja_of(plain_tokenizer, template))
+        template_model(plain_tokenizer, template).wrappers
     assert "\n" not in str(info.value).replace("\\n", "")
 
 

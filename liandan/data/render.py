@@ -84,7 +84,7 @@ def make_rendering(tokenizer, system_prompt: str | None = None, chat_template: s
         if tokenizer.eos_token is None:
             raise LiandanError("the tokenizer has neither a chat template nor an end-of-sequence token")
         template, source = PLAIN_CHAT_TEMPLATE, "plain"
-    stop = _turn_end_token(tokenizer, template)
+    stop = template_model(tokenizer, template).turn_end
     return Rendering(template, [stop], system_prompt, source, "chat", tokenizer.eos_token)
 
 
@@ -111,15 +111,14 @@ def special_tokens(tokenizer) -> list[str]:
     return sorted((t for t in found if t), key=len, reverse=True)
 
 
-def _turn_end_token(tokenizer, template: str) -> str:
-    """The first special token the template writes after an assistant answer."""
-    from liandan.data.template import turn_end_of
+def template_model(tokenizer, template: str, bos: str = ""):
+    """The template's model (data/template.py: its layout and wrapper strings), probed through this tokenizer."""
+    from liandan.data.template import ChatTemplate
 
-    return turn_end_of(_renderer(tokenizer, template), special_tokens(tokenizer), tokenizer.eos_token)
+    def render(messages, add_generation_prompt):
+        return render_text(tokenizer, template, messages, add_generation_prompt)
 
-
-def _renderer(tokenizer, template: str):
-    return lambda messages, add_generation_prompt: render_text(tokenizer, template, messages, add_generation_prompt)
+    return ChatTemplate(render, special_tokens(tokenizer), tokenizer.eos_token, bos)
 
 
 def render_text(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool, tools=None) -> str:
@@ -208,11 +207,8 @@ class Encoder:
     def layout(self):
         """The template's inferred layout (data/template.py), probed on first use."""
         if self._layout is None:
-            from liandan.data.template import infer_layout
-
-            self._layout = infer_layout(_renderer(self.tokenizer, self.rendering.chat_template), self.specials,
-                                        self.tokenizer.eos_token)
-            self._layout = dataclasses.replace(self._layout, turn_end=self.rendering.stop_tokens[0])
+            layout = template_model(self.tokenizer, self.rendering.chat_template).layout
+            self._layout = dataclasses.replace(layout, turn_end=self.rendering.stop_tokens[0])
         return self._layout
 
     def encode_chat(self, messages: list[dict], tools=None, line: int = 0, limit: int | None = None) -> Encoded:

@@ -1,8 +1,11 @@
-"""The layout of a chat template, inferred once from probe renderings: one template model, many uses.
+"""The model of a chat template, inferred once from probe renderings: one template model, many uses.
 
 Any Jinja chat template is treated as a black box that renders conversations. Rendering a few probe
-conversations tells us what liandan needs to know about it, without a list of model families:
+conversations whose contents are unique markers, and cutting the output at the markers, tells us what
+liandan needs to know about it, without a list of model families. `ChatTemplate` renders each probe once
+and infers two views of the same template from those renderings:
 
+`Layout`, for training rendering (data/render.py) and the reasoning split at inference (liandan/reasoning.py):
 * `generation_tail`: what the generation prompt (add_generation_prompt=True) writes that an assistant
   turn in history does not start with: R1's and QwQ's `<think>\\n`, or nothing (ChatML, Llama 3, ...);
 * `answer_head`: what the template writes before an answer without reasoning: Qwen3's empty think block
@@ -11,21 +14,35 @@ conversations tells us what liandan needs to know about it, without a list of mo
   reasoning from (`reasoning_key`), or `<think>\\n…\\n</think>\\n\\n` when the template has none;
 * `turn_end`: the control token that ends an answer (the stop token).
 
-Training rendering (data/render.py), the reasoning split at inference (liandan/reasoning.py) and the
-Ollama TEMPLATE all read this one layout, so they cannot disagree.
+`Wrappers`, for the Ollama TEMPLATE (export/ollama.py): most templates only wrap each message in fixed strings,
+
+    [head | system]  Q1  reply_open  A1  reply_close  Q2  generation
+     ^ before the first  ^ user → past      ^ answer → next    ^ after the last user turn:
+       user content        answer             user content       the generation prompt
+
+* the system prompt goes at the start (wrapped in `system_wrap`: ChatML, Llama 3, Gemma 3's first user
+  turn, R1's bare prefix), or into the last user turn (Mistral), or nowhere because the template refuses
+  it (`system = "none"`: Gemma 2);
+* `head` is what the start looks like without one: empty, a fixed preamble (Llama 3.1's date lines) or
+  a default system prompt (Qwen2.5, SmolLM2);
+* `generation` differs from `reply_open` where the template opens a think block only in the generation
+  prompt (R1's `<think>\\n`) and drops reasoning from history.
+The wrappers are checked against the template on every conversation of `PROBES`, so a template they cannot
+describe is refused in one line rather than described wrongly.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Callable
 
 from liandan.errors import LiandanError
 
-PROBE_QUESTION = "LIANDAN_PROBE_QUESTION"
-PROBE_ANSWER = "LIANDAN_PROBE_ANSWER"
-PROBE_REASONING = "LIANDAN_PROBE_REASONING"
+# Probe contents: plain letters and digits, so no template trims, escapes or splits them.
+Q1, A1, Q2, S1, THOUGHT = "LDQONE", "LDAONE", "LDQTWO", "LDSYSTEM", "LDTHOUGHT"
 # Where templates read an assistant message's reasoning from: the OpenAI/DeepSeek field, gpt-oss's, others'.
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 # The think block of DeepSeek-R1 and Qwen3, used when a template has no think block of its own.
@@ -35,6 +52,64 @@ _THINK_IN_CONTENT = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)
 Render = Callable[[list, bool], str]  # (messages, add_generation_prompt) -> text
 
 
+def _chat(system, *turns):
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    roles = ("user", "assistant")
+    return messages + [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+# What the wrappers must reproduce: with and without a system prompt, multi-turn, Chinese text, and
+# contents that look like template syntax or control tokens (they must pass through untouched).
+PROBES = (
+    _chat(None, "Q1"),
+    _chat("S1", "Q1"),
+    _chat(None, "Q1", "A1", "Q2"),
+    _chat("S1", "Q1", "A1", "Q2", "A2", "Q3"),
+    _chat("你是德哥", "PolarDB是什么", "阿里云开源宇宙无敌数据库", "谁是最帅的地球人", "德哥", "月亮哪天最圆"),
+    _chat('{{ .System }} {{ end }} """x', '<|im_end|><|im_start|>system {{ .Content }} {% raw %}', "<|eot_id|>{{ if }}",
+          "[INST] <end_of_turn> {{- range .Messages }}"),
+)
+
+
+class ChatTemplate:
+    """One chat template, probed: its `layout` and its `wrappers`, each inferred on first use from one shared
+    set of probe renderings (each conversation rendered once). `bos` is stripped from renderings: llama.cpp
+    adds it itself, so the Ollama TEMPLATE must not."""
+
+    def __init__(self, render: Render, specials: list[str] = (), eos: str | None = None, bos: str = ""):
+        self._render, self.specials, self.eos, self.bos = render, list(specials), eos, bos
+        self._seen: dict = {}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        key = (json.dumps(messages, ensure_ascii=False, sort_keys=True), add_generation_prompt)
+        if key not in self._seen:
+            text = self._render(messages, add_generation_prompt)
+            self._seen[key] = text[len(self.bos):] if self.bos and text.startswith(self.bos) else text
+        return self._seen[key]
+
+    @cached_property
+    def turn_end(self) -> str:
+        """The first special token the template writes after an assistant answer, else EOS."""
+        text = self.render(_chat(None, Q1, A1), False)
+        found = first_control_token(text[text.rfind(A1) + len(A1):], self.specials)
+        if found is not None:
+            return found[1]
+        if self.eos is None:
+            raise LiandanError("cannot tell which token ends an answer: the chat template writes none and there is no EOS token")
+        return self.eos
+
+    @cached_property
+    def layout(self) -> Layout:
+        """The layout for training and the reasoning split; LiandanError in one line when it cannot be trained."""
+        return _infer_layout(self)
+
+    @cached_property
+    def wrappers(self) -> Wrappers:
+        """The wrapper strings, checked on every probe; LiandanError in one line when they cannot describe it."""
+        return _infer_wrappers(self)
+
+
+# ---------------------------------------------------------------- the layout: training and the reasoning split
 @dataclass(frozen=True)
 class Layout:
     generation_tail: str
@@ -86,17 +161,6 @@ def first_control_token(text: str, specials: list[str]) -> tuple[int, str] | Non
     return best
 
 
-def turn_end_of(render: Render, specials: list[str], eos: str | None) -> str:
-    """The first special token the template writes after an assistant answer, else EOS."""
-    text = render([{"role": "user", "content": PROBE_QUESTION}, {"role": "assistant", "content": PROBE_ANSWER}], False)
-    found = first_control_token(text[text.rfind(PROBE_ANSWER) + len(PROBE_ANSWER):], specials)
-    if found is not None:
-        return found[1]
-    if eos is None:
-        raise LiandanError("cannot tell which token ends an answer: the chat template writes none and there is no EOS token")
-    return eos
-
-
 def _common_prefix(a: str, b: str) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -120,29 +184,27 @@ def _token_boundary(at: int, texts, specials: list[str]) -> int:
     return at
 
 
-def infer_layout(render: Render, specials: list[str], eos: str | None) -> Layout:
-    """Probe the template (see the module docstring); LiandanError in one line when it cannot be trained."""
-    question = [{"role": "user", "content": PROBE_QUESTION}]
-    prompt = render(question, True)
-    plain = render(question + [{"role": "assistant", "content": PROBE_ANSWER}], False)
-    if PROBE_ANSWER not in plain or PROBE_QUESTION not in prompt:
+def _infer_layout(template: ChatTemplate) -> Layout:
+    """Probe the template (see the module docstring)."""
+    question, specials = _chat(None, Q1), template.specials
+    prompt = template.render(question, True)
+    plain = template.render(_chat(None, Q1, A1), False)
+    if A1 not in plain or Q1 not in prompt:
         raise LiandanError("the chat template does not write the messages it is given; cannot train with it")
-    answer_at = plain.index(PROBE_ANSWER)
+    answer_at = plain.index(A1)
     start = _token_boundary(min(_common_prefix(prompt, plain), answer_at), (prompt, plain), specials)
-    if start <= prompt.index(PROBE_QUESTION):
+    if start <= prompt.index(Q1):
         raise LiandanError("the chat template renders the question differently once an answer follows; cannot mask prompts")
     if prompt[start:] and not prompt[start:].strip():  # `<think>` + "\n" vs `<think></think>`: split before the opener
         start -= next((len(t) for t in specials if prompt[:start].endswith(t)), 0)
-    tail, head = prompt[start:], plain[start:answer_at]
-    turn_end = turn_end_of(render, specials, eos)
+    tail, head, turn_end = prompt[start:], plain[start:answer_at], template.turn_end
     key, before, after = None, None, None
     for candidate in REASONING_KEYS:
-        message = {"role": "assistant", "content": PROBE_ANSWER, candidate: PROBE_REASONING}
-        text = render(question + [message], False)
-        if PROBE_REASONING in text and text.startswith(plain[:start]) and text.index(PROBE_REASONING) < text.index(PROBE_ANSWER):
+        text = template.render(question + [{"role": "assistant", "content": A1, candidate: THOUGHT}], False)
+        if THOUGHT in text and text.startswith(plain[:start]) and text.index(THOUGHT) < text.index(A1):
             key = candidate
-            before = text[start:text.index(PROBE_REASONING)]
-            after = text[text.index(PROBE_REASONING) + len(PROBE_REASONING):text.index(PROBE_ANSWER)]
+            before = text[start:text.index(THOUGHT)]
+            after = text[text.index(THOUGHT) + len(THOUGHT):text.index(A1)]
             break
     if key is None:
         before, after = _think_block_of(tail)
@@ -196,3 +258,84 @@ def _short(text: str, limit: int = 40) -> str:
 def _overlap(tail: str, turn: str) -> int:
     """Length of the longest beginning of `turn` that `tail` ends with."""
     return max((n for n in range(1, min(len(tail), len(turn)) + 1) if tail.endswith(turn[:n])), default=0)
+
+
+# ---------------------------------------------------------------- the wrappers: the Ollama TEMPLATE
+@dataclass(frozen=True)
+class Wrappers:
+    head: str  # before the first user content when there is no system prompt
+    reply_open: str  # after a user content, before a past answer
+    reply_close: str  # after a past answer, before the next user content
+    generation: str  # after the last user content: the generation prompt
+    system: str = "start"  # "start", "last-user" or "none" (the template refuses a system prompt)
+    system_wrap: tuple = ("", "")  # (before, after) the system text at that place
+    bos: str = ""  # stripped from renderings: llama.cpp adds it itself
+
+    def render(self, system: str | None, messages: list[dict]) -> str:
+        """What the wrappers give for a conversation (system turns are taken from `system`, as Ollama does).
+        export/ollama.go_template writes the same as a Go template."""
+        turns = [m for m in messages if m["role"] in ("user", "assistant")]
+        last_user = max((i for i, m in enumerate(turns) if m["role"] == "user"), default=-1)
+        system = system if self.system != "none" else None
+        before, after = self.system_wrap
+        out = before + system + after if system and self.system == "start" else self.head
+        for i, m in enumerate(turns):
+            if m["role"] == "assistant":
+                out += self.reply_open + m["content"]
+                continue
+            if i > 0:
+                out += self.reply_close
+            if system and self.system == "last-user" and i == last_user:
+                out += before + system + after
+            out += m["content"] + (self.generation if i == len(turns) - 1 else "")
+        return out
+
+
+def _cut(text: str, markers: list[str]) -> list[str]:
+    """The text between the markers, in order: [before first, between 1st and 2nd, ..., after last]."""
+    parts, rest = [], text
+    for marker in markers:
+        if rest.count(marker) != 1:
+            raise LiandanError(f"the chat template renders the probe content {marker!r} {rest.count(marker)} times "
+                               "where once is expected")
+        head, rest = rest.split(marker)
+        parts.append(head)
+    return parts + [rest]
+
+
+def _system_place(template: ChatTemplate, wrappers: Wrappers) -> Wrappers:
+    """Where a system prompt goes: found by rendering a two-turn chat with one."""
+    try:
+        text = template.render(_chat(S1, Q1, A1, Q2))
+    except LiandanError:
+        return replace(wrappers, system="none")  # the template refuses system prompts
+    if text.count(S1) != 1:
+        raise LiandanError(f"the chat template puts the system prompt in {text.count(S1)} places, not one")
+    first = text.split(Q1, 1)[0]
+    if S1 in first:
+        return replace(wrappers, system="start", system_wrap=tuple(first.split(S1)))
+    between = _cut(text, [Q1, A1, Q2])[2]
+    if S1 in between and between.startswith(wrappers.reply_close):
+        wrap = tuple(between[len(wrappers.reply_close):].split(S1))
+        return replace(wrappers, system="last-user", system_wrap=wrap)
+    raise LiandanError("the chat template puts the system prompt somewhere other than the start or the last user turn")
+
+
+def _infer_wrappers(template: ChatTemplate) -> Wrappers:
+    """The wrappers, from renderings of marker conversations, checked on every probe conversation."""
+    head, q_end = _cut(template.render(_chat(None, Q1)), [Q1])
+    head2, reply_open, reply_close, generation = _cut(template.render(_chat(None, Q1, A1, Q2)), [Q1, A1, Q2])
+    if head2 != head or generation != q_end:
+        raise LiandanError("the chat template renders the first user turn differently once a conversation goes on")
+    wrappers = _system_place(template, Wrappers(head, reply_open, reply_close, generation, bos=template.bos))
+    for conversation in PROBES:
+        system = next((m["content"] for m in conversation if m["role"] == "system"), None)
+        if system is not None and wrappers.system == "none":
+            continue
+        expected, got = template.render(conversation), wrappers.render(system, conversation)
+        if got != expected:
+            at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+            near = slice(max(0, at - 30), at + 30)
+            raise LiandanError(f"the chat template renders differently from wrapper strings (at {expected[near]!r}, "
+                               f"the wrappers give {got[near]!r})")
+    return wrappers

@@ -1,10 +1,13 @@
 """GGUF export for llama.cpp and Ollama, written with the `gguf` package (no llama.cpp checkout needed).
 
-Per-architecture facts live in the ARCHITECTURES table; tensor names come from gguf-py's own
-HF→GGUF name map, so this module only adds what differs between families:
+Per-architecture facts live in the ARCHITECTURES table, as in gguf-py; tensor names come from gguf-py's
+own HF→GGUF name map and metadata keys from its `gguf.Keys`, so this module only adds what differs
+between families:
 
 * llama-family q/k weights are permuted from HF's rotate-half layout to GGML's interleaved rope;
 * Gemma's RMSNorm multiplies by (1 + w): GGUF stores w + 1;
+* Gemma 3 says per layer whether it slides, with the sliding layers' own rope base: written as the
+  sliding-window pattern and the `_swa` rope base (the rope keys hold the full-attention layers');
 * tied embeddings: no `output.weight`, llama.cpp reuses `token_embd.weight`;
 * hyperparameters (rope base, head dim, soft-capping, sliding window) are read from config.json.
 
@@ -16,6 +19,7 @@ add_bos/add_eos and the chat template used in training.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -27,27 +31,44 @@ from liandan.errors import LiandanError
 from liandan.export.quantize import OUTTYPES, check_outtype
 
 
+# Suffix rules, by HF tensor name: q/k projections permuted for GGML's rope (with the config key of
+# their head count), and the RMSNorm weights Gemma uses as x * (1 + w).
+ROPE_PERMUTED = (("q_proj.weight", "num_attention_heads"), ("k_proj.weight", "num_key_value_heads"))
+GEMMA_NORMS = ("norm.weight",)
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     gguf_arch: str  # gguf.MODEL_ARCH member name
-    permute_qk: bool = False  # HF rotate-half → GGML interleaved rope
-    norm_offset: bool = False  # RMSNorm computes x * (1 + w)
+    permuted: tuple = ()  # (name suffix, head-count key): rows from HF rotate-half to GGML interleaved rope
+    norm_offset: tuple = ()  # name suffixes of RMSNorm weights computing x * (1 + w): GGUF stores w + 1
     hparams: tuple = ()  # extra (config key, writer method) pairs
-    rope_from_head_dim: bool = True
+    sliding_layers: bool = False  # which layers slide and their rope base are per model (`layer_types`, Gemma 3)
+
+    def permute_heads(self, hf_name: str, config: dict) -> int | None:
+        """The head count to permute this weight's rows by, or None when it is not permuted."""
+        for suffix, key in self.permuted:
+            if hf_name.endswith(suffix):
+                return config.get(key) or config["num_attention_heads"]
+        return None
+
+    def offset(self, hf_name: str) -> float:
+        return 1.0 if self.norm_offset and hf_name.endswith(self.norm_offset) else 0.0
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("LLAMA", permute_qk=True),
-    "MistralForCausalLM": ArchSpec("LLAMA", permute_qk=True),
+    "LlamaForCausalLM": ArchSpec("LLAMA", permuted=ROPE_PERMUTED),
+    "MistralForCausalLM": ArchSpec("LLAMA", permuted=ROPE_PERMUTED),
     "Qwen2ForCausalLM": ArchSpec("QWEN2"),
     "Qwen3ForCausalLM": ArchSpec("QWEN3"),
-    "GemmaForCausalLM": ArchSpec("GEMMA", norm_offset=True),
-    "Gemma2ForCausalLM": ArchSpec("GEMMA2", norm_offset=True, hparams=(
+    "GemmaForCausalLM": ArchSpec("GEMMA", norm_offset=GEMMA_NORMS),
+    "Gemma2ForCausalLM": ArchSpec("GEMMA2", norm_offset=GEMMA_NORMS, hparams=(
         ("attn_logit_softcapping", "add_attn_logit_softcapping"),
         ("final_logit_softcapping", "add_final_logit_softcapping"),
         ("sliding_window", "add_sliding_window"),
     )),
-    "Gemma3ForCausalLM": ArchSpec("GEMMA3", norm_offset=True, hparams=(("sliding_window", "add_sliding_window"),)),
+    "Gemma3ForCausalLM": ArchSpec("GEMMA3", norm_offset=GEMMA_NORMS, hparams=(("sliding_window", "add_sliding_window"),),
+                                  sliding_layers=True),
     "Phi3ForCausalLM": ArchSpec("PHI3"),
 }
 
@@ -87,32 +108,59 @@ def read_config(model_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def arch_of(config: dict) -> tuple[str, ArchSpec]:
+@dataclass(frozen=True)
+class Target:
+    """What a model is written as: its row of the table, gguf-py's architecture and tensor name map."""
+
+    hf_arch: str
+    spec: ArchSpec
+    arch: object  # gguf.MODEL_ARCH
+    names: object  # gguf.TensorNameMap
+
+    def tensor_name(self, hf_name: str, try_suffixes=(".weight", ".bias")) -> str | None:
+        return self.names.get_name(hf_name, try_suffixes=try_suffixes)
+
+
+def target_of(config: dict) -> Target:
+    import gguf
+
     names = config.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
-            return name, ARCHITECTURES[name]
+            arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[name].gguf_arch)
+            return Target(name, ARCHITECTURES[name], arch, gguf.get_tensor_name_map(arch, config["num_hidden_layers"]))
     raise LiandanError(
         f"GGUF export does not support {', '.join(names) or config.get('model_type', 'this model')}; "
         f"supported: {', '.join(sorted(ARCHITECTURES))}"
     )
 
 
-def rope_theta(config: dict, default: float = 10000.0) -> float:
-    params = config.get("rope_parameters") or {}
-    if isinstance(params, dict) and "rope_theta" in params:
-        return float(params["rope_theta"])
-    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type parameters (Gemma 3)
-        return float(params["full_attention"].get("rope_theta", default))
-    return float(config.get("rope_theta", default))
+@contextmanager
+def gguf_writer(outfile: Path, target: Target):
+    """A GGUFWriter for this target, shared by both exporters: when the block ends the header, metadata and
+    tensors are written and the file moved into place atomically; after an error nothing is left."""
+    import gguf
+
+    with atomic_path(outfile) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[target.arch])
+        try:
+            yield writer
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
 
-def rope_scaling(config: dict) -> dict | None:
-    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    if isinstance(params, dict) and "full_attention" in params:
-        params = params["full_attention"]
-    kind = params.get("rope_type") or params.get("type") if isinstance(params, dict) else None
-    return None if kind in (None, "default") else params
+def rope_settings(config: dict) -> tuple[dict, dict]:
+    """(global, sliding-window layers') rope parameters — `rope_theta`, `rope_type`, `factor` — from
+    transformers 5's `rope_parameters` (per layer type for Gemma 3: `full_attention`, `sliding_attention`) or
+    the older top-level `rope_theta`, `rope_local_base_freq` and `rope_scaling`."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if "full_attention" in params:
+        return dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
+    sliding = {"rope_theta": config["rope_local_base_freq"]} if "rope_local_base_freq" in config else {}
+    return {"rope_theta": config.get("rope_theta", 10000.0), **params}, sliding
 
 
 def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -244,31 +292,24 @@ def export_gguf(model_dir: Path, outfile: Path, outtype: str = "f16", chat_templ
 
         return export_quantized(model_dir, outfile, outtype, chat_template, stop_tokens, name, log)
     config = read_config(model_dir)
-    hf_arch, spec = arch_of(config)
-    arch = getattr(gguf.MODEL_ARCH, spec.gguf_arch)
+    target = target_of(config)
     vocab = read_vocab(model_dir, config["vocab_size"])
-    with atomic_path(outfile) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    with gguf_writer(outfile, target) as writer:
         writer.add_name(name or model_dir.name)
         writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[outtype]))
-        _write_hparams(writer, config, spec)
+        _write_hparams(writer, config, target.spec)
         _write_vocab(writer, vocab, model_dir, chat_template, stop_tokens)
-        count = _write_tensors(writer, model_dir, config, hf_arch, spec, arch, outtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    log(f"Wrote {outfile} ({gguf.MODEL_ARCH_NAMES[arch]}, {outtype}, {count} tensors, "
+        count = _write_tensors(writer, model_dir, config, target, outtype)
+    log(f"Wrote {outfile} ({gguf.MODEL_ARCH_NAMES[target.arch]}, {outtype}, {count} tensors, "
         f"{outfile.stat().st_size / 1e6:.1f} MB)")
     return outfile
 
 
-def _write_hparams(writer, config: dict, spec) -> None:
+def _write_hparams(writer, config: dict, spec: ArchSpec) -> None:
     """The model's shape and rope settings, in llama.cpp's keys."""
-    import gguf
-
     n_head = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    rope, sliding_rope = rope_settings(config)
     writer.add_context_length(config.get("max_position_embeddings", 4096))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -277,29 +318,36 @@ def _write_hparams(writer, config: dict, spec) -> None:
     writer.add_head_count_kv(config.get("num_key_value_heads", n_head))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
-    writer.add_rope_freq_base(rope_theta(config))
+    rotary = rope.get("partial_rotary_factor") or config.get("partial_rotary_factor", 1.0)
+    writer.add_rope_dimension_count(int(head_dim * rotary))
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     writer.add_vocab_size(config["vocab_size"])
     for key, method in spec.hparams:
         if config.get(key) is not None:
             getattr(writer, method)(config[key])
-    scaling = rope_scaling(config)
-    if scaling:
-        kind = scaling.get("rope_type") or scaling.get("type")
-        if kind != "linear":
-            raise LiandanError(f"GGUF export: rope scaling '{kind}' is not supported yet (only linear)")
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    _write_rope(writer, rope)
+    if spec.sliding_layers:  # rather than llama.cpp's defaults for the family (5 of 6 layers slide, base 10000)
+        if config.get("layer_types"):
+            writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
+        if sliding_rope.get("rope_theta") is not None:
+            writer.add_rope_freq_base_swa(float(sliding_rope["rope_theta"]))
 
 
-def _write_tensors(writer, model_dir: Path, config: dict, hf_arch: str, spec, arch, outtype: str) -> int:
-    """Every weight under its GGUF name, permuted and offset as the architecture needs; returns the count."""
+def _write_rope(writer, rope: dict) -> None:
     import gguf
 
-    n_head = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads", n_head)
-    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type") or rope.get("type")
+    if kind in (None, "default"):
+        return
+    if kind != "linear":
+        raise LiandanError(f"GGUF export: rope scaling '{kind}' is not supported yet (only linear)")
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _write_tensors(writer, model_dir: Path, config: dict, target: Target, outtype: str) -> int:
+    """Every weight under its GGUF name, permuted and offset as the architecture needs; returns the count."""
     tied = config.get("tie_word_embeddings", False)
     count = 0
     for hf_name, data in iter_tensors(model_dir):
@@ -307,15 +355,14 @@ def _write_tensors(writer, model_dir: Path, config: dict, hf_arch: str, spec, ar
             continue
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd.weight
-        new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        new = target.tensor_name(hf_name)
         if new is None:
-            raise LiandanError(f"GGUF export: no GGUF name for tensor {hf_name} of {hf_arch}")
-        if spec.permute_qk and hf_name.endswith("q_proj.weight"):
-            data = permute_qk(data, n_head)
-        elif spec.permute_qk and hf_name.endswith("k_proj.weight"):
-            data = permute_qk(data, n_kv)
-        if spec.norm_offset and hf_name.endswith("norm.weight"):
-            data = data + 1.0
+            raise LiandanError(f"GGUF export: no GGUF name for tensor {hf_name} of {target.hf_arch}")
+        heads = target.spec.permute_heads(hf_name, config)
+        if heads:
+            data = permute_qk(data, heads)
+        if target.spec.offset(hf_name):
+            data = data + target.spec.offset(hf_name)
         encoded, qtype = encode_tensor(data, outtype, new)
         writer.add_tensor(new, encoded, raw_dtype=qtype)
         count += 1
@@ -365,33 +412,25 @@ def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log
     if adapter_config.get("use_dora"):
         raise LiandanError(f"{adapter_dir}: llama.cpp cannot apply DoRA adapters; use `liandan fuse --export-gguf`")
     config = read_config(resolve_model(record.get("base_model") or adapter_config.get("base_model_name_or_path")))
-    _, spec = arch_of(config)
-    arch = getattr(gguf.MODEL_ARCH, spec.gguf_arch)
-    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    n_head = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads", n_head)
+    target = target_of(config)
     state = load_file(str(adapter_dir / PEFT_WEIGHTS))
-    with atomic_path(outfile) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
-        writer.add_string("general.type", "adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", float(adapter_config["lora_alpha"]))
+    with gguf_writer(outfile, target) as writer:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter_config["lora_alpha"]))
         for key in sorted(state):
             module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
             if kind not in ("A.weight", "B.weight"):
                 raise LiandanError(f"{adapter_dir}: unexpected adapter tensor {key}")
-            target = name_map.get_name(module + ".weight", try_suffixes=(".weight",))
-            if target is None:
+            target_name = target.tensor_name(module + ".weight", try_suffixes=(".weight",))
+            if target_name is None:
                 raise LiandanError(f"{adapter_dir}: no GGUF name for {module}")
             data = state[key].float().numpy()
-            if kind == "B.weight" and spec.permute_qk and module.endswith(("q_proj", "k_proj")):
-                data = permute_qk(data, n_head if module.endswith("q_proj") else n_kv)  # rows follow the weight's rows
+            heads = target.spec.permute_heads(module + ".weight", config)
+            if kind == "B.weight" and heads:
+                data = permute_qk(data, heads)  # B's rows are the weight's rows
             suffix = ".lora_a" if kind == "A.weight" else ".lora_b"
-            encoded, qtype = encode_tensor(data, outtype if outtype != "q8_0" else "f16", target + suffix)
-            writer.add_tensor(target + suffix, encoded, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+            encoded, qtype = encode_tensor(data, outtype if outtype != "q8_0" else "f16", target_name + suffix)
+            writer.add_tensor(target_name + suffix, encoded, raw_dtype=qtype)
     log(f"Wrote {outfile} (LoRA adapter, alpha {adapter_config['lora_alpha']}, rank {adapter_config['r']})")
     return outfile

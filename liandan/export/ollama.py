@@ -1,7 +1,7 @@
 """Ollama Modelfile: the GGUF, a TEMPLATE that renders prompts exactly as in training, and its stop tokens.
 
 Chat templates are Jinja; Ollama's are Go text/template. Rather than translating Jinja (a programming
-language) we infer the template's layout of wrapper strings from probe renderings (data/wrappers.py),
+language) we infer the template's wrapper strings from probe renderings (data/template.py),
 check that the layout reproduces the Jinja rendering of every probe conversation, and generate the Go
 template from it; a template the layout cannot describe is refused in one line instead of written
 wrong. The test suite runs the generated templates through Go's own text/template.
@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from liandan.data.wrappers import Wrappers, infer
+from liandan.data.template import Wrappers
 from liandan.errors import LiandanError
 
 
@@ -28,7 +28,7 @@ def go_literal(text: str) -> str:
 
 def go_template(wrappers: Wrappers) -> str:
     """The wrappers as a Go text/template over Ollama's .System and .Messages (system turns in .Messages are
-    skipped: Ollama gathers them into .System). Mirrors data/wrappers.render, which the export checks."""
+    skipped: Ollama gathers them into .System). Mirrors Wrappers.render, which the probes check."""
     lit = go_literal
     before, after = (lit(x) for x in wrappers.system_wrap)
     if wrappers.system == "start":
@@ -42,7 +42,7 @@ def go_template(wrappers: Wrappers) -> str:
         inject = f"{{{{ if and $.System (eq $i $lastuser) }}}}{before}{{{{ $.System }}}}{after}{{{{ end }}}}"
     return out + (
         "{{ $started := false }}{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
-        f'{{{{ if eq $m.Role "user" }}}}{{{{ if $started }}}}{lit(wrappers.turn_end)}{{{{ end }}}}{inject}'
+        f'{{{{ if eq $m.Role "user" }}}}{{{{ if $started }}}}{lit(wrappers.reply_close)}{{{{ end }}}}{inject}'
         f"{{{{ $m.Content }}}}{{{{ if $last }}}}{lit(wrappers.generation)}{{{{ end }}}}{{{{ $started = true }}}}"
         f'{{{{ else if eq $m.Role "assistant" }}}}{lit(wrappers.reply_open)}{{{{ $m.Content }}}}'
         "{{ $started = true }}"
@@ -52,13 +52,10 @@ def go_template(wrappers: Wrappers) -> str:
 
 def template_wrappers(rendering, tokenizer, bos: str = "") -> Wrappers:
     """The training template's wrappers, checked against Jinja on the probes; one-line refusal otherwise."""
-    from liandan.data.render import render_text
-
-    def jinja(conversation):
-        return render_text(tokenizer, rendering.chat_template, conversation, add_generation_prompt=True)
+    from liandan.data.render import template_model
 
     try:
-        return infer(jinja, bos)
+        return template_model(tokenizer, rendering.chat_template, bos).wrappers
     except LiandanError as exc:
         raise LiandanError(f"cannot write an Ollama TEMPLATE: {exc}; "
                            "write the Modelfile TEMPLATE by hand") from None
