@@ -117,6 +117,25 @@ def test_prompt_layout_states_sources_and_replaces_only_the_last_question(tmp_pa
     assert DocsContext(docs.index, custom).prompt("propellers?")[0].startswith("propellers?\n---\n<props.md> # Propellers")
 
 
+def test_layout_versions_and_system_placement(tmp_path):
+    from liandan.docs.index import open_docs
+    from liandan.docs.prompt import _V1, LAYOUT_VERSION, DocsContext, DocsLayout
+    from liandan.docs.qa import QA, retrieval_examples
+
+    old_record = {k: v for k, v in _V1.items() if k not in ("placement", "version")}  # as version 1 saved it
+    assert DocsLayout.from_dict(old_record) == DocsLayout(**_V1) and DocsLayout.from_dict(None) == DocsLayout()
+    assert DocsLayout().version == LAYOUT_VERSION > 1
+    index = open_docs(make_docs(tmp_path / "docs"))
+    system = DocsLayout(template="Use this text.\n\n{sources}", source="{body}", placement="system", top_k=1)
+    asked, _ = DocsContext(index, system).apply([{"role": "user", "content": "How long does the drone charge?"}])
+    assert asked == [{"role": "system", "content": "Use this text.\n\nThe Zephyr drone charges in 50 minutes over USB-C."},
+                     {"role": "user", "content": "How long does the drone charge?"}]
+    kept, _ = DocsContext(index, system).apply([{"role": "system", "content": "Be brief."}, asked[1]])
+    assert kept[0]["content"].startswith("Be brief.\n\nUse this text.") and len(kept) == 2
+    records = retrieval_examples(index, [QA("How long does the drone charge?", "50 minutes", 1)], system, 1)
+    assert records[0]["messages"][0]["role"] == "system" and records[0]["messages"][-1]["content"] == "50 minutes"
+
+
 def test_from_docs_questions_train_records_the_layout_and_test_uses_docs(tmp_path, tiny_llama):
     data = tmp_path / "data"
     result = liandan("data", "from-docs", HANDBOOK / "en", "--out", data, "--questions",
