@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass
 from liandan.errors import LiandanError
 
 DEFAULT_TOP_K = 3
-LAYOUT_VERSION = 2  # bump when the default layout changes; records keep the one their adapter learned
-# Version 1 (the first --docs layout): its fields; records without "version" are version 1.
+LAYOUT_VERSION = 1  # bump when the default layout changes; records keep the one their adapter learned
+# Version 1, frozen here as recorded (the defaults below may change): records without "version" are version 1.
 _V1 = {"template": "Answer the question from these sources.\n\n{sources}\n\nQuestion: {question}",
        "source": "[{n}] {source}\n{text}", "separator": "\n\n", "top_k": 3, "placement": "user", "version": 1}
 
 
 @dataclass
 class DocsLayout:
-    """How retrieved chunks and the question are laid out in the user message."""
+    """How retrieved chunks and the question are laid out in the prompt."""
 
     # The question comes last: a small model answers the text nearest to its answer.
     template: str = "Answer the question from these sources.\n\n{sources}\n\nQuestion: {question}"
@@ -31,8 +31,11 @@ class DocsLayout:
     # Where the filled sources go: "user" (the template, question included, replaces the user turn) or
     # "system" (the template, without {question}, becomes the system message; the question stays as asked).
     placement: str = "user"
-
     version: int = LAYOUT_VERSION
+
+    def __post_init__(self):
+        if self.placement not in ("user", "system"):
+            raise LiandanError(f"docs layout: placement must be 'user' or 'system', got {self.placement!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +123,3 @@ class DocsContext:
                 last = max((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), default=None)
                 asked, _ = self.apply(example.messages[:last] if last is not None else example.messages)
                 example.messages = asked + (example.messages[last:] if last is not None else [])
-
-    def prompt(self, question: str) -> tuple[str, list[dict]]:
-        messages, sources = self.apply([{"role": "user", "content": question}])
-        return messages[0]["content"], sources
