@@ -1,6 +1,7 @@
 """Which prompt layout lets the embedded model answer from retrieved chunks? One model load, many layouts.
 
-    nice -n 10 .venv/bin/python benchmarks/docs_layouts.py [--langs en zh] [--only NAME ...]
+    nice -n 10 .venv/bin/python benchmarks/docs_layouts.py [--langs en zh] [--only [LANG:]NAME ...] [--verbose]
+    .venv/bin/python benchmarks/docs_layouts.py --retrieval      # the retrieval hits alone, no model
 
 On the built-in handbooks (liandan/examples/handbook/{en,zh}/questions.jsonl), greedy, an answer counts
 when it contains the expected one (liandan.docs.qa.contains_answer, as `liandan eval`). Each row changes
@@ -112,6 +113,21 @@ def planned(langs: list[str], only: list[str] | None) -> list[tuple[str, str, di
     return out
 
 
+def retrieval_table(langs: list[str]) -> None:
+    """The question's section among the top k, for k = 1..3 and two chunk sizes: no model needed."""
+    from liandan.docs.qa import is_relevant, read_questions
+
+    print("| lang | chunk words | chunks | hits@1 | hits@2 | hits@3 |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for lang in langs:
+        questions = read_questions(HANDBOOK / lang / "questions.jsonl")
+        for words in (None, 40):
+            index = load_index(lang, words)
+            hits = [sum(any(is_relevant(h.chunk, qa) for h in index.search(qa.question, k)) for qa in questions)
+                    for k in (1, 2, 3)]
+            n = len(questions)
+            print(f"| {lang} | {words or 'default'} | {len(index.chunks)} | " + " | ".join(f"{h}/{n}" for h in hits) + " |")
+
+
 def main() -> None:
     from liandan.docs.qa import read_questions
     from liandan.generate import load_pipeline
@@ -122,7 +138,10 @@ def main() -> None:
                         "(LANG:PREFIX for one language): the most telling rows first when time is short")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--verbose", action="store_true", help="Print every answer")
+    parser.add_argument("--retrieval", action="store_true", help="Only the retrieval hits (no model, seconds)")
     args = parser.parse_args()
+    if args.retrieval:
+        return retrieval_table(args.langs)
     pipe = load_pipeline(None, None)
     questions = {lang: read_questions(HANDBOOK / lang / "questions.jsonl") for lang in args.langs}
     indexes: dict = {lang: {} for lang in args.langs}
