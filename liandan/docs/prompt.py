@@ -1,4 +1,4 @@
-"""The prompt step of --docs: a question + its top-k chunks → one user message, in a recorded layout.
+"""The prompt step of --docs: a question + its top-k chunks → the prompt (user or system turn), in a recorded layout.
 
 The same function fills the layout for retrieval-aware training data (`data from-docs --questions`)
 and at inference (`generate`/`chat`/`serve`/`lora --test`/`eval` with --docs), and the layout an
