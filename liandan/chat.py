@@ -18,10 +18,11 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return add_inference_args(parser, max_tokens=512)
 
 
-def fit_history(encoder, history: list[dict], context: int, max_tokens: int) -> tuple[list[dict], list[int]]:
-    """Drop the oldest exchanges until the rendered prompt leaves max_tokens of room."""
+def fit_history(encoder, history: list[dict], context: int, max_tokens: int,
+                prefix: list[dict] = ()) -> tuple[list[dict], list[int]]:
+    """Drop the oldest exchanges until the rendered prompt (prefix: a system turn of --docs) leaves max_tokens of room."""
     while True:
-        ids = encoder.prompt_ids(history)
+        ids = encoder.prompt_ids(list(prefix) + history)
         if len(ids) + max_tokens <= context or len(history) <= 1:
             return history, ids
         history = history[2:] if len(history) > 2 else history[-1:]
@@ -61,9 +62,10 @@ def main(args: argparse.Namespace) -> int:
         if line.startswith("/"):
             print(HELP, flush=True)
             continue
-        content = docs.prompt(line)[0] if docs else line  # the question with its retrieved chunks
-        history, ids = fit_history(pipe.encoder, history + [{"role": "user", "content": content}], engine.context,
-                                   args.max_tokens)
+        asked = [{"role": "user", "content": line}]
+        if docs:  # the question with its retrieved chunks; a layout may put them in a system turn of this prompt only
+            asked, _ = docs.apply(asked)
+        history, ids = fit_history(pipe.encoder, history + asked[-1:], engine.context, args.max_tokens, asked[:-1])
         if len(ids) >= engine.context:
             print("(this message alone is longer than the context window)", flush=True)
             history = []

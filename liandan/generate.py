@@ -204,11 +204,12 @@ def context_size(pipe: Pipeline) -> int:
     return int(limit) if limit and limit < 10**7 else 2048  # transformers uses ~1e30 for "no limit"
 
 
-def prompt_ids_for(pipe: Pipeline, prompt: str, ignore_chat_template: bool = False) -> list[int]:
-    """Render a user prompt the way the model was trained (chat template), or raw."""
+def prompt_ids_for(pipe: Pipeline, prompt: str | list[dict], ignore_chat_template: bool = False) -> list[int]:
+    """Render a user prompt (or messages: --docs may add a system turn) the way the model was trained, or raw."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if ignore_chat_template or pipe.encoder.rendering.prompt_style == "raw":
-        return pipe.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    return pipe.encoder.prompt_ids([{"role": "user", "content": prompt}])
+        return pipe.tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"]
+    return pipe.encoder.prompt_ids(messages)
 
 
 # ---------------------------------------------------------------- CLI
@@ -278,7 +279,8 @@ def main(args: argparse.Namespace) -> int:
     if args.docs:
         from liandan.docs.prompt import DocsContext
 
-        prompt, sources = DocsContext.open(args.docs, engine.pipe.record, args.top_k).prompt(prompt)
+        prompt, sources = DocsContext.open(args.docs, engine.pipe.record, args.top_k).apply(
+            [{"role": "user", "content": prompt}])
     ids = prompt_ids_for(engine.pipe, prompt, args.ignore_chat_template)
     result = GenerationResult()
     text = TextStreamer(engine.pipe.tokenizer)

@@ -3,6 +3,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,7 +116,27 @@ def test_prompt_layout_states_sources_and_replaces_only_the_last_question(tmp_pa
     assert "The Zephyr drone charges in 50 minutes over USB-C." in text and "\n\n[2] " in text
     assert text.endswith("\n\nQuestion: How many minutes does the drone need to charge?")
     custom = DocsLayout.from_dict({"template": "{question}\n---\n{sources}", "source": "<{source}> {text}", "top_k": 1})
-    assert DocsContext(docs.index, custom).prompt("propellers?")[0].startswith("propellers?\n---\n<props.md> # Propellers")
+    asked, _ = DocsContext(docs.index, custom).apply([{"role": "user", "content": "propellers?"}])
+    assert asked[0]["content"].startswith("propellers?\n---\n<props.md> # Propellers")
+
+
+def test_layout_versions_and_system_placement(tmp_path):
+    from liandan.docs.index import open_docs
+    from liandan.docs.prompt import _V1, LAYOUT_VERSION, DocsContext, DocsLayout
+    from liandan.docs.qa import QA, retrieval_examples
+
+    old_record = {k: v for k, v in _V1.items() if k not in ("placement", "version")}  # as version 1 saved it
+    assert DocsLayout.from_dict(old_record) == DocsLayout(**_V1) and DocsLayout.from_dict(None) == DocsLayout()
+    assert DocsLayout().version == LAYOUT_VERSION and DocsLayout.from_dict({"version": 1}).version == 1
+    index = open_docs(make_docs(tmp_path / "docs"))
+    system = DocsLayout(template="Use this text.\n\n{sources}", source="{body}", placement="system", top_k=1)
+    asked, _ = DocsContext(index, system).apply([{"role": "user", "content": "How long does the drone charge?"}])
+    assert asked == [{"role": "system", "content": "Use this text.\n\nThe Zephyr drone charges in 50 minutes over USB-C."},
+                     {"role": "user", "content": "How long does the drone charge?"}]
+    kept, _ = DocsContext(index, system).apply([{"role": "system", "content": "Be brief."}, asked[1]])
+    assert kept[0]["content"].startswith("Be brief.\n\nUse this text.") and len(kept) == 2
+    records = retrieval_examples(index, [QA("How long does the drone charge?", "50 minutes", 1)], system, 1)
+    assert records[0]["messages"][0]["role"] == "system" and records[0]["messages"][-1]["content"] == "50 minutes"
 
 
 def test_from_docs_questions_train_records_the_layout_and_test_uses_docs(tmp_path, tiny_llama):
@@ -214,6 +236,10 @@ def test_generate_and_serve_answer_with_sources(tmp_path, tiny_llama):
                      "-m", "3")
     assert result.returncode == 0, result.stderr
     assert "Sources: [1] velora-p7.md — Velora P7 Handbook > Brewing" in result.stdout
+    chat = subprocess.run([sys.executable, "-m", "liandan", "chat", "--model", str(tiny_llama), "--docs", str(HANDBOOK / "en"),
+                           "-m", "3"], input="How much ground coffee goes into the basket?\nAnd water?\n", text=True,
+                          capture_output=True, timeout=300)
+    assert chat.returncode == 0 and chat.stdout.startswith("liandan chat"), chat.stderr
     server = Server("--model", tiny_llama, "--docs", HANDBOOK / "zh", "--model-name", "m")
     try:
         import httpx

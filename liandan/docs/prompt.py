@@ -1,4 +1,4 @@
-"""The prompt step of --docs: a question + its top-k chunks → one user message, in a recorded layout.
+"""The prompt step of --docs: a question + its top-k chunks → the prompt (user or system turn), in a recorded layout.
 
 The same function fills the layout for retrieval-aware training data (`data from-docs --questions`)
 and at inference (`generate`/`chat`/`serve`/`lora --test`/`eval` with --docs), and the layout an
@@ -13,31 +13,70 @@ from dataclasses import asdict, dataclass
 from liandan.errors import LiandanError
 
 DEFAULT_TOP_K = 3
+LAYOUT_VERSION = 1  # bump when the default layout changes; records keep the one their adapter learned
+# Version 1, frozen here as recorded (the defaults below may change): records without "version" are version 1.
+_V1 = {"template": "Answer the question from these sources.\n\n{sources}\n\nQuestion: {question}",
+       "source": "[{n}] {source}\n{text}", "separator": "\n\n", "top_k": 3, "placement": "user", "version": 1}
 
 
 @dataclass
 class DocsLayout:
-    """How retrieved chunks and the question are laid out in the user message."""
+    """How retrieved chunks and the question are laid out in the prompt."""
 
     # The question comes last: a small model answers the text nearest to its answer.
     template: str = "Answer the question from these sources.\n\n{sources}\n\nQuestion: {question}"
     source: str = "[{n}] {source}\n{text}"
     separator: str = "\n\n"
     top_k: int = DEFAULT_TOP_K
+    # Where the filled sources go: "user" (the template, question included, replaces the user turn) or
+    # "system" (the template, without {question}, becomes the system message; the question stays as asked).
+    placement: str = "user"
+    version: int = LAYOUT_VERSION
+
+    def __post_init__(self):
+        if self.placement not in ("user", "system"):
+            raise LiandanError(f"docs layout: placement must be 'user' or 'system', got {self.placement!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "DocsLayout":
-        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+        """The layout of a record; none recorded → today's default. A record of an older version keeps
+        that version's values for the fields it did not have yet (it was trained without them)."""
+        if not d:
+            return cls()
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**(_V1 if "version" not in d else {}), **known})
 
     def fill(self, question: str, chunks: list) -> str:
         """The user message for `question` with these chunks (objects with text, source, section)."""
-        parts = [self.source.format(n=i + 1, source=c.source, section=c.section, text=c.text.strip())
-                 for i, c in enumerate(chunks)]
+        parts = [self.source.format(n=i + 1, source=c.source, section=c.section, text=c.text.strip(),
+                                    body=body_of(c)) for i, c in enumerate(chunks)]
         return self.template.format(sources=self.separator.join(parts) if parts else "(no sources found)",
                                     question=question.strip())
+
+    def place(self, messages: list[dict], chunks: list) -> list[dict]:
+        """`messages` with these chunks laid in for their last user turn (the question)."""
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last is None:
+            return list(messages)
+        filled = self.fill(messages[last].get("content") or "", chunks)
+        out = list(messages)
+        if self.placement != "system":
+            out[last] = dict(messages[last], content=filled)
+        elif out[0]["role"] == "system":  # a system prompt of the user's is kept, the sources follow it
+            out[0] = dict(out[0], content=f"{out[0]['content']}\n\n{filled}")
+        else:
+            out.insert(0, {"role": "system", "content": filled})
+        return out
+
+
+def body_of(chunk) -> str:
+    """The chunk's text without the heading line the chunker puts first ("# Title > Section")."""
+    header = f"# {chunk.section}\n\n" if chunk.section else ""
+    text = chunk.text.strip()
+    return text[len(header):].strip() if header and text.startswith(header) else text
 
 
 def sources_of(hits) -> list[dict]:
@@ -74,11 +113,8 @@ class DocsContext:
         last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last is None:
             return list(messages), []
-        question = messages[last].get("content") or ""
-        hits = self.index.search(question, self.top_k)
-        out = list(messages)
-        out[last] = dict(messages[last], content=self.layout.fill(question, [h.chunk for h in hits]))
-        return out, sources_of(hits)
+        hits = self.index.search(messages[last].get("content") or "", self.top_k)
+        return self.layout.place(messages, [h.chunk for h in hits]), sources_of(hits)
 
     def apply_to_file(self, data) -> None:
         """Ask every question of a DataFile (chat-style formats) with its retrieved chunks, in place."""
@@ -87,7 +123,3 @@ class DocsContext:
                 last = max((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), default=None)
                 asked, _ = self.apply(example.messages[:last] if last is not None else example.messages)
                 example.messages = asked + (example.messages[last:] if last is not None else [])
-
-    def prompt(self, question: str) -> tuple[str, list[dict]]:
-        messages, sources = self.apply([{"role": "user", "content": question}])
-        return messages[0]["content"], sources

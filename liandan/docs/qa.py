@@ -93,8 +93,12 @@ def retrieval_examples(index, questions: list[QA], layout, top_k: int, seed: int
         others = [c for c in index.chunks if c not in chunks and not is_relevant(c, qa)]
         chunks += rng.sample(others, min(top_k - len(chunks), len(others))) if len(chunks) < top_k else []
         rng.shuffle(chunks)
-        records.append({"prompt": layout.fill(qa.question, chunks), "completion": qa.answer, "question": qa.question,
-                        "sources": [{"source": c.source, "section": c.section} for c in chunks]})
+        asked = layout.place([{"role": "user", "content": qa.question}], chunks)
+        shown = {"question": qa.question, "sources": [{"source": c.source, "section": c.section} for c in chunks]}
+        if len(asked) == 1:
+            records.append({"prompt": asked[0]["content"], "completion": qa.answer, **shown})
+        else:  # the sources in a system message: chat records keep it
+            records.append({"messages": asked + [{"role": "assistant", "content": qa.answer}], **shown})
     if missed:
         log(f"Note: retrieval missed the answer's chunk for {missed} of {len(questions)} question(s); "
             "it was put in their context instead of the last hit.")

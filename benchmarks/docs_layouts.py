@@ -1,0 +1,161 @@
+"""Which prompt layout lets the embedded model answer from retrieved chunks? One model load, many layouts.
+
+    nice -n 10 .venv/bin/python benchmarks/docs_layouts.py [--langs en zh] [--only [LANG:]NAME ...] [--verbose]
+    .venv/bin/python benchmarks/docs_layouts.py --retrieval      # the retrieval hits alone, no model
+
+On the built-in handbooks (liandan/examples/handbook/{en,zh}/questions.jsonl), greedy, an answer counts
+when it contains the expected one (liandan.docs.qa.contains_answer, as `liandan eval`). Each row changes
+one thing from the row it names; "gold" rows put the question's own section in the prompt instead of
+the retrieved chunks, so they measure the answer given the right context apart from retrieval.
+Retrieval hits (the question's section among the top k) are printed per chunk size and k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from liandan.docs.prompt import _V1, DocsLayout  # noqa: E402
+
+HANDBOOK = ROOT / "liandan" / "examples" / "handbook"
+OLD = DocsLayout(**_V1)  # the first --docs layout
+
+
+def variants(default: DocsLayout) -> list[tuple[str, dict]]:
+    """(name, settings): layout (a DocsLayout), k, chunk_words (index chunk size), gold (oracle context)."""
+    plain = replace(OLD, source="{body}")
+    return [
+        ("v1 layout, k=3", {"layout": OLD, "k": 3}),
+        ("v1 layout, k=2", {"layout": OLD, "k": 2}),
+        ("v1 layout, k=1", {"layout": OLD, "k": 1}),
+        ("v1 layout, gold section only", {"layout": OLD, "k": 1, "gold": True}),
+        ("question first, k=3", {"layout": replace(OLD, template="Question: {question}\n\n{sources}"), "k": 3}),
+        ("plain chunk text (no [n], file, heading), k=3", {"layout": plain, "k": 3}),
+        ("plain chunk text, best chunk last, k=3", {"layout": plain, "k": 3, "reverse": True}),
+        ("plain chunk text, k=2", {"layout": plain, "k": 2}),
+        ("plain chunk text, k=1", {"layout": plain, "k": 1}),
+        ("plain chunk text, gold", {"layout": plain, "k": 1, "gold": True}),
+        ("no instruction, plain, k=1", {"layout": replace(plain, template="{sources}\n\nQuestion: {question}"), "k": 1}),
+        ("short-answer instruction, plain, k=1", {"layout": replace(
+            plain, template="{sources}\n\nAnswer in a few words from the text above.\nQuestion: {question}"), "k": 1}),
+        ("context in system message, plain, k=1", {"layout": replace(
+            plain, template="Answer the question from this text.\n\n{sources}", placement="system"), "k": 1}),
+        ("shorter chunks (40 words), plain, k=3", {"layout": plain, "k": 3, "chunk_words": 40}),
+        ("shorter chunks (40 words), plain, k=1", {"layout": plain, "k": 1, "chunk_words": 40}),
+        ("default now", {"layout": default, "k": default.top_k}),
+    ]
+
+
+def load_index(lang: str, chunk_words: int | None):
+    from liandan.docs import index as docs_index
+
+    saved = docs_index.CHUNK_WORDS
+    if chunk_words:
+        docs_index.CHUNK_WORDS = chunk_words
+    try:
+        return docs_index.DocsIndex.build(HANDBOOK / lang, log=lambda *_: None)
+    finally:
+        docs_index.CHUNK_WORDS = saved
+
+
+def messages_for(layout: DocsLayout, qa, chunks) -> list[dict]:
+    from liandan.docs.prompt import DocsContext
+
+    class Fixed:  # an index that returns the chunks chosen here
+        def search(self, query, k):
+            from liandan.docs.index import Hit
+            return [Hit(c, 1.0, i + 1) for i, c in enumerate(chunks)]
+
+    messages, _ = DocsContext(Fixed(), layout, max(len(chunks), 1)).apply([{"role": "user", "content": qa.question}])
+    return messages
+
+
+def run_variant(pipe, lang, questions, settings, indexes, max_tokens) -> tuple[int, int, int, list[str]]:
+    from liandan.docs.qa import contains_answer, is_relevant
+    from liandan.generate import generate
+
+    words = settings.get("chunk_words")
+    index = indexes.setdefault(words, load_index(lang, words))
+    correct = hits = stopped = 0
+    answers = []
+    for qa in questions:
+        retrieved = [h.chunk for h in index.search(qa.question, settings["k"])]
+        hits += any(is_relevant(c, qa) for c in retrieved)
+        chunks = [c for c in index.chunks if is_relevant(c, qa)] if settings.get("gold") else retrieved
+        chunks = chunks[::-1] if settings.get("reverse") else chunks
+        messages = messages_for(settings["layout"], qa, chunks)
+        out = generate(pipe.model, pipe.encoder.prompt_ids(messages), max_tokens, pipe.stop_ids, pipe.device.torch_device)
+        got = pipe.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
+        ok = contains_answer(got, qa.answer)
+        correct += ok
+        stopped += out.stopped
+        answers.append(f"{'✓' if ok else '✗'} {qa.answer!r} ← {got[:70]!r}")
+    return correct, hits, stopped, answers
+
+
+def planned(langs: list[str], only: list[str] | None) -> list[tuple[str, str, dict]]:
+    """(lang, row name, settings) in the order to run: every row per language, or --only's order, where
+    "zh:plain" picks the rows starting with "plain" for zh alone and "plain" picks them for every language."""
+    rows = variants(DocsLayout())
+    if not only:
+        return [(lang, name, settings) for lang in langs for name, settings in rows]
+    out = []
+    for want in only:
+        lang, _, prefix = want.rpartition(":") if want[:3] in {f"{l}:" for l in langs} else ("", "", want)
+        out += [(l, name, settings) for l in ([lang] if lang else langs) for name, settings in rows
+                if name.startswith(prefix)]
+    return out
+
+
+def retrieval_table(langs: list[str]) -> None:
+    """The question's section among the top k, for k = 1..3 and two chunk sizes: no model needed."""
+    from liandan.docs.qa import is_relevant, read_questions
+
+    print("| lang | chunk words | chunks | hits@1 | hits@2 | hits@3 |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for lang in langs:
+        questions = read_questions(HANDBOOK / lang / "questions.jsonl")
+        for words in (None, 40):
+            index = load_index(lang, words)
+            hits = [sum(any(is_relevant(h.chunk, qa) for h in index.search(qa.question, k)) for qa in questions)
+                    for k in (1, 2, 3)]
+            n = len(questions)
+            print(f"| {lang} | {words or 'default'} | {len(index.chunks)} | " + " | ".join(f"{h}/{n}" for h in hits) + " |")
+
+
+def main() -> None:
+    from liandan.docs.qa import read_questions
+    from liandan.generate import load_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--langs", nargs="+", default=["en", "zh"])
+    parser.add_argument("--only", nargs="+", help="Only the rows whose name starts with one of these, in this order "
+                        "(LANG:PREFIX for one language): the most telling rows first when time is short")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--verbose", action="store_true", help="Print every answer")
+    parser.add_argument("--retrieval", action="store_true", help="Only the retrieval hits (no model, seconds)")
+    args = parser.parse_args()
+    if args.retrieval:
+        return retrieval_table(args.langs)
+    pipe = load_pipeline(None, None)
+    questions = {lang: read_questions(HANDBOOK / lang / "questions.jsonl") for lang in args.langs}
+    indexes: dict = {lang: {} for lang in args.langs}
+    print("| lang | layout | correct | section in top k | stopped | s |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    for lang, name, settings in planned(args.langs, args.only):
+        start = time.perf_counter()
+        correct, hits, stopped, answers = run_variant(pipe, lang, questions[lang], settings, indexes[lang],
+                                                      args.max_tokens)
+        n = len(questions[lang])
+        print(f"| {lang} | {name} | {correct}/{n} | {'-' if settings.get('gold') else f'{hits}/{n}'} | {stopped}/{n} | "
+              f"{time.perf_counter() - start:.0f} |", flush=True)
+        if args.verbose:
+            print("\n".join("    " + a for a in answers), flush=True)
+
+
+if __name__ == "__main__":
+    main()
