@@ -56,6 +56,8 @@ RUNS = {
     "default": [],
     "plain-replay": ["--kl-weight", "0"],
     "replay-2": ["--replay-ratio", "2"],
+    # 273 prompts: the built-in 104 plus geography, science, history, arithmetic, code and Chinese ones.
+    "broad-pool": ["--replay-prompts", str(ROOT / "benchmarks" / "replay_broad.jsonl")],
 }
 
 
