@@ -103,10 +103,12 @@ def burst(server, model, qs, expected, n: int, max_tokens: int) -> dict:
 
     statuses, wrong, peak = [], [], [server.rss_mb()]
     before = peak[0]
+    ready = threading.Barrier(n)  # every client made before any request goes: the burst arrives at once
 
     def one(i):
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=900)
         q = qs[i % len(qs)]
+        ready.wait()
         try:
             text, _ = ask(client, model, q, max_tokens)
             statuses.append(200)

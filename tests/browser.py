@@ -18,7 +18,9 @@ from pathlib import Path
 CHROMIUM = next((p for p in (os.environ.get("LIANDAN_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser"))
                  if p), None)
 CHROMEDRIVER = os.environ.get("LIANDAN_CHROMEDRIVER") or shutil.which("chromedriver")
-DOCS_SHOTS = Path(__file__).resolve().parent.parent / "docs" / "studio"
+# LIANDAN_SCREENSHOTS=docs/studio: the tabs' screenshots are also copied there (the README shows them);
+# unset, a test run leaves the repository alone.
+DOCS_SHOTS = os.environ.get("LIANDAN_SCREENSHOTS")
 
 
 def missing_gradio() -> bool:
@@ -152,9 +154,9 @@ class Page:
     def shot(self, name: str, docs: bool = False) -> Path:
         path = self.shots / f"{name}.png"
         self.driver.save_screenshot(str(path))
-        if docs:
-            DOCS_SHOTS.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, DOCS_SHOTS / f"{name}.png")
+        if docs and DOCS_SHOTS:
+            Path(DOCS_SHOTS).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, Path(DOCS_SHOTS) / f"{name}.png")
         return path
 
     def outside_requests(self, base: str) -> list[str]:
