@@ -324,8 +324,6 @@ def still_produces(model, prompts_ids: list[list[int]], continuations: list[list
                    batch_size: int = 32) -> list[bool]:
     """Per prompt: would greedy decoding produce this continuation? One teacher-forced forward pass (argmax at
     every position equals the next token) instead of token-by-token generation: several times cheaper."""
-    from liandan.models import unwrap
-
     was_training = model.training
     model.eval()
     same: list[bool] = []
