@@ -324,21 +324,17 @@ def still_produces(model, prompts_ids: list[list[int]], continuations: list[list
                    batch_size: int = 32) -> list[bool]:
     """Per prompt: would greedy decoding produce this continuation? One teacher-forced forward pass (argmax at
     every position equals the next token) instead of token-by-token generation: several times cheaper."""
+    from liandan.data.batching import collate
+
     was_training = model.training
     model.eval()
+    items = [Encoded(p + c, [IGNORE] * len(p) + c, 0) for p, c in zip(prompts_ids, continuations)]
     same: list[bool] = []
-    for start in range(0, len(prompts_ids), batch_size):
-        rows = [(p, c) for p, c in zip(prompts_ids[start : start + batch_size], continuations[start : start + batch_size])]
-        width = max(len(p) + len(c) for p, c in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (p, c) in enumerate(rows):  # right padding: a causal model never looks at the pads
-            ids[r, : len(p) + len(c)] = torch.tensor(p + c)
-            mask[r, : len(p) + len(c)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for r, (p, c) in enumerate(rows):
-            predicted = logits[r, len(p) - 1 : len(p) + len(c) - 1].argmax(-1).tolist()
-            same.append(predicted == c)
+    for start in range(0, len(items), batch_size):
+        batch = collate(items[start : start + batch_size], pad_id, device)  # right padding: causal, pads unseen
+        predicted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].argmax(-1)
+        targets = batch["labels"][:, 1:]
+        same += (~((predicted != targets) & (targets != IGNORE)).any(-1)).tolist()
     model.train(was_training)
     return same
 
@@ -349,10 +345,8 @@ def retention(model, tokenizer, encoder, base: BaseKnowledge, stop_ids, pad_id, 
     known = [i for i, ok in enumerate(base.correct) if ok]
     prompts = [user_prompt_ids(encoder, base.questions[i].question) for i in known]
     same = still_produces(model, prompts, [base.decisive[i] for i in known], pad_id, device) if known else []
-    after, replies = [False] * len(base.questions), [""] * len(base.questions)
+    after, replies = list(base.correct), [""] * len(base.questions)  # kept unless shown otherwise below
     changed = [i for i, s in zip(known, same) if not s]
-    for i in known:
-        after[i] = True
     for i, reply in zip(changed, answer_replies(model, tokenizer, encoder, [base.questions[i] for i in changed],
                                                 stop_ids, pad_id, device) if changed else []):
         after[i], replies[i] = is_correct(reply, base.questions[i].answers), reply
