@@ -58,7 +58,7 @@ class DocsLayout:
 
     def place(self, messages: list[dict], chunks: list) -> list[dict]:
         """`messages` with these chunks laid in for their last user turn (the question)."""
-        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        last = last_turn(messages, "user")
         if last is None:
             return list(messages)
         filled = self.fill(messages[last].get("content") or "", chunks)
@@ -70,6 +70,11 @@ class DocsLayout:
         else:
             out.insert(0, {"role": "system", "content": filled})
         return out
+
+
+def last_turn(messages: list[dict], role: str) -> int | None:
+    """Index of the last message with this role (None if there is none)."""
+    return max((i for i, m in enumerate(messages) if m["role"] == role), default=None)
 
 
 def body_of(chunk) -> str:
@@ -110,7 +115,7 @@ class DocsContext:
 
     def apply(self, messages: list[dict]) -> tuple[list[dict], list[dict]]:
         """Messages with the last user turn replaced by the filled layout, and the sources used."""
-        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        last = last_turn(messages, "user")
         if last is None:
             return list(messages), []
         hits = self.index.search(messages[last].get("content") or "", self.top_k)
@@ -120,6 +125,6 @@ class DocsContext:
         """Ask every question of a DataFile (chat-style formats) with its retrieved chunks, in place."""
         for example in data.examples:
             if example.messages is not None:
-                last = max((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), default=None)
+                last = last_turn(example.messages, "assistant")
                 asked, _ = self.apply(example.messages[:last] if last is not None else example.messages)
                 example.messages = asked + (example.messages[last:] if last is not None else [])
