@@ -84,6 +84,7 @@ class TrainConfig:
     # Defaults from benchmarks/forgetting.py: ratio 1 + KL 3 kept 31/32 general answers and all 10 new facts.
     replay_ratio: float = 1.0
     replay_prompts: str | None = None  # a file of one's own replay prompts (JSONL "prompt" or one per line)
+    replay_focus: float = 0.0  # share of replay drawn from the prompts nearest the training ones (replay.nearest_replay)
     docs: str | None = None  # --test with retrieval: a folder of documents or a saved index (liandan.docs)
     top_k: int | None = None  # chunks per question with --docs (default: the recorded layout's, else 3)
     kl_weight: float = 3.0  # pull replay positions toward the base model's own distribution (KL); 0 = plain replay
@@ -175,6 +176,7 @@ RULES = {
     "trust_remote_code": Rule(bool),
     "replay_ratio": Rule(float, (lambda v: 0 <= v <= 10, "between 0 and 10 (replay examples per training example)")),
     "replay_prompts": Rule(str, _NOT_EMPTY, optional=True),
+    "replay_focus": Rule(float, (lambda v: 0 <= v <= 1, "between 0 and 1 (a share of the replay examples)")),
     "kl_weight": Rule(float, _NOT_NEGATIVE),
     "max_grad_norm": Rule(float, _POSITIVE, optional=True),
     "batch_order": Rule(str, choices=("random", "length")),

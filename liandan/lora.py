@@ -68,6 +68,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="Against forgetting: base-model answers to general prompts mixed in per training example "
              "(default 1 for completions/chat/tools data; 0 turns it off)")
     add("--replay-prompts", help="Your own replay prompts: JSONL with a \"prompt\" field, or one prompt per line")
+    add("--replay-focus", type=float,
+        help="Share of the replay examples drawn from the replay prompts nearest the training prompts (0-1)")
     add("--kl-weight", type=float,
         help="Weight of the KL term that pulls replay answers toward the base model's token distribution "
              "(default 3; 0 = plain replay)")

@@ -244,17 +244,63 @@ def replay_pool(model, tokenizer, encoder, model_dir: Path, prompts_file: str | 
     return ReplayPool(items, len(prompts), seconds, cache)
 
 
-def replay_indices(n_train: int, pool_size: int, ratio: float, rng) -> list[int]:
-    """Replay examples for one epoch: round(ratio × n_train) of them, cycling through a shuffled pool."""
+def replay_indices(n_train: int, pool_size: int, ratio: float, rng, focus: list[int] = (),
+                   focus_share: float = 0.0) -> list[int]:
+    """Replay examples for one epoch: round(ratio × n_train) of them, cycling through a shuffled pool.
+    With `focus` (nearest_replay), that share of them cycles through the focus positions instead."""
     if ratio <= 0 or pool_size == 0:
         return []
     count = max(1, round(ratio * n_train))
+    n_focus = round(focus_share * count) if focus else 0
+    return _cycle(list(focus), n_focus, rng) + _cycle(list(range(pool_size)), count - n_focus, rng)
+
+
+def _cycle(positions: list[int], count: int, rng) -> list[int]:
     chosen: list[int] = []
     while len(chosen) < count:
-        order = list(range(pool_size))
+        order = list(positions)
         rng.shuffle(order)
         chosen += order[: count - len(chosen)]
     return chosen
+
+
+def nearest_replay(train: list[Encoded], pool: list[Encoded], per_example: int = 3, sample: int = 2048,
+                   seed: int = 0) -> list[int]:
+    """For each training prompt (up to `sample` of them), the `per_example` replay prompts nearest to it:
+    those sharing its rarer tokens (tf-idf cosine over the prompts' token ids, idf from the pool).
+
+    Why: training pulls hardest on questions shaped like the trained ones. Ten invented facts ("What is the
+    capital of Velmora?") made the model answer other capitals with the invented one; replaying the base
+    model's answers to prompts near the trained ones guards those first (benchmarks/forgetting.py). Token
+    ids need no word splitting, so every language the tokenizer knows works alike; the pool is a few
+    hundred prompts, so a dense matrix over its vocabulary is small."""
+    import random as _random
+
+    prompts = [[t for t, label in zip(item.input_ids, item.labels) if label == IGNORE] for item in pool]
+    vocab = {t: i for i, t in enumerate(sorted({t for p in prompts for t in p}))}
+    if not vocab or not train:
+        return []
+    df = torch.zeros(len(vocab))
+    for p in prompts:
+        df[[vocab[t] for t in set(p)]] += 1
+    idf = torch.log((len(pool) + 1) / (df + 1))
+    pool_matrix = torch.nn.functional.normalize(_bags(prompts, vocab) * idf, dim=1)
+    picked = train if len(train) <= sample else _random.Random(seed).sample(train, sample)
+    queries = _bags([[t for t, label in zip(item.input_ids, item.labels) if label == IGNORE] for item in picked],
+                    vocab) * idf
+    scores = queries @ pool_matrix.T
+    top = scores.topk(min(per_example, len(pool)), dim=1)
+    return [int(j) for row, vals in zip(top.indices, top.values) for j, v in zip(row, vals) if v > 0]
+
+
+def _bags(token_lists: list[list[int]], vocab: dict[int, int]) -> torch.Tensor:
+    """Token counts per list over `vocab` (tokens outside it dropped)."""
+    bags = torch.zeros(len(token_lists), len(vocab))
+    for row, tokens in enumerate(token_lists):
+        for t in tokens:
+            if t in vocab:
+                bags[row, vocab[t]] += 1
+    return bags
 
 
 # ---------------------------------------------------------------- retention
@@ -323,8 +369,10 @@ def base_retention(model, tokenizer, encoder, model_dir: Path, stop_ids, pad_id,
 def still_produces(model, prompts_ids: list[list[int]], continuations: list[list[int]], pad_id: int, device,
                    batch_size: int = 32) -> list[bool]:
     """Per prompt: would greedy decoding produce this continuation? One teacher-forced forward pass (argmax at
-    every position equals the next token) instead of token-by-token generation: several times cheaper."""
+    every continuation position equals the next token) instead of token-by-token generation: several times
+    cheaper. The LM head runs on the continuation positions only, as in training."""
     from liandan.data.batching import collate
+    from liandan.evaluate import trained_logits
 
     was_training = model.training
     model.eval()
@@ -332,9 +380,12 @@ def still_produces(model, prompts_ids: list[list[int]], continuations: list[list
     same: list[bool] = []
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size], pad_id, device)  # right padding: causal, pads unseen
-        predicted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].argmax(-1)
+        logits, rows = trained_logits(model, batch)
         targets = batch["labels"][:, 1:]
-        same += (~((predicted != targets) & (targets != IGNORE)).any(-1)).tolist()
+        wrong = logits.argmax(-1) != targets[targets != IGNORE]
+        misses = torch.zeros(len(batch["labels"]), dtype=torch.long, device=logits.device)
+        misses.index_add_(0, rows, wrong.long())
+        same += (misses == 0).tolist()
     model.train(was_training)
     return same
 

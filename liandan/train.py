@@ -32,7 +32,7 @@ from liandan.device import peak_memory_gb
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, loss_terms
-from liandan.replay import replay_indices
+from liandan.replay import nearest_replay, replay_indices
 
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
@@ -299,8 +299,10 @@ def _build_parts(model, job: TrainJob) -> _Parts:
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     n, replay = len(job.train_set.items), job.replay
+    near = nearest_replay(job.train_set.items, replay, seed=cfg.seed) if replay and cfg.replay_focus > 0 else []
     batches = iterate_batches(job.train_set, cfg.batch_size, cfg.seed, replay=replay, order=cfg.batch_order,
-                              pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng))
+                              pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng, near,
+                                                                     cfg.replay_focus))
     return _Parts(forward, params, optimizer, scheduler, batches, job.train_set.items + replay,
                   pass_cost_tokens(job.device))
 

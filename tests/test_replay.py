@@ -11,7 +11,8 @@ from conftest import liandan, write_jsonl
 from liandan.data.batching import EncodedSet, collate, iterate_batches
 from liandan.data.render import IGNORE, Encoded
 from liandan.errors import LiandanError
-from liandan.replay import builtin, is_correct, read_prompts, read_questions, replay_indices, REPLAY_PROMPTS, RETENTION_QUESTIONS
+from liandan.replay import (builtin, is_correct, nearest_replay, read_prompts, read_questions, replay_indices, REPLAY_PROMPTS,
+                            RETENTION_QUESTIONS)
 
 ROWS = [{"prompt": f"What is code {i}?", "completion": f"Code {i} is {'ab' * (i % 3 + 1)}."} for i in range(8)]
 
@@ -63,6 +64,20 @@ def test_replay_is_mixed_in_at_the_ratio_deterministically():
     # Without replay the order is what it always was (resuming older runs replays the same batches).
     plain = iterate_batches(data, 2, seed=0)
     assert all(max(b) < 8 for b in (next(plain)[1] for _ in range(8)))
+
+
+def test_focus_replays_the_prompts_nearest_the_training_ones():
+    prompt = lambda *ids: Encoded([1, 2, *ids, 3], [IGNORE] * (len(ids) + 3) + [9])  # noqa: E731 (1 2 … 3: the template)
+    pool = [prompt(10, 11), prompt(20, 21), prompt(30, 31), prompt(30, 40), prompt(50, 51)]
+    train = [prompt(30, 7), prompt(50, 8, 8)]
+    # Nearest by the tokens they share (template tokens are in every prompt: no weight); none shared → not picked.
+    assert sorted(nearest_replay(train, pool, per_example=2)) == [2, 3, 4]
+    assert nearest_replay([prompt(99)], pool) == []
+    rng = random.Random(0)
+    picks = replay_indices(10, 5, 1.0, rng, focus=[2, 3, 4], focus_share=0.6)
+    assert len(picks) == 10 and sorted(picks[:6]) == [2, 2, 3, 3, 4, 4] and len(set(picks[6:])) == 4  # 4 uniform draws, no repeat
+    # No focus: the draws are what they were before focus existed (resuming older runs replays the same batches).
+    assert replay_indices(10, 5, 1.0, random.Random(1), focus=[2], focus_share=0.0) == replay_indices(10, 5, 1.0, random.Random(1))
 
 
 def test_soft_targets_line_up_with_trained_positions(tmp_path, tiny_llama):
