@@ -30,6 +30,7 @@ OLD = DocsLayout(**_V1)  # the first --docs layout
 def variants(default: DocsLayout) -> list[tuple[str, dict]]:
     """(name, settings): layout (a DocsLayout), k, chunk_words (index chunk size), gold (oracle context)."""
     plain = replace(OLD, source="{body}")
+    short = replace(plain, template="{sources}\n\nAnswer in a few words from the text above.\nQuestion: {question}")
     return [
         ("v1 layout, k=3", {"layout": OLD, "k": 3}),
         ("v1 layout, k=2", {"layout": OLD, "k": 2}),
@@ -42,8 +43,11 @@ def variants(default: DocsLayout) -> list[tuple[str, dict]]:
         ("plain chunk text, k=1", {"layout": plain, "k": 1}),
         ("plain chunk text, gold", {"layout": plain, "k": 1, "gold": True}),
         ("no instruction, plain, k=1", {"layout": replace(plain, template="{sources}\n\nQuestion: {question}"), "k": 1}),
-        ("short-answer instruction, plain, k=1", {"layout": replace(
-            plain, template="{sources}\n\nAnswer in a few words from the text above.\nQuestion: {question}"), "k": 1}),
+        ("short-answer instruction, plain, k=1", {"layout": short, "k": 1}),
+        ("short-answer instruction, plain, k=2", {"layout": short, "k": 2}),
+        ("short-answer instruction, plain, k=3", {"layout": short, "k": 3}),
+        ("short-answer instruction, plain, gold", {"layout": short, "k": 1, "gold": True}),
+        ("short-answer instruction, numbered sources, k=3", {"layout": replace(OLD, template=short.template), "k": 3}),
         ("context in system message, plain, k=1", {"layout": replace(
             plain, template="Answer the question from this text.\n\n{sources}", placement="system"), "k": 1}),
         ("shorter chunks (40 words), plain, k=3", {"layout": plain, "k": 3, "chunk_words": 40}),

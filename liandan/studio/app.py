@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from liandan.errors import LiandanError
+from liandan.export.quantize import OUTTYPES
 from liandan.studio import chat, data, evaluate, runs, ship
 
 EMBEDDED = "embedded SmolLM2-135M-Instruct"
@@ -401,7 +402,8 @@ def _ship_tab(workspace: Path, train: SimpleNamespace) -> None:
     fuse = gr.Button("Fuse", elem_id="fuse")
     log = gr.Markdown(elem_id="ship-log")
     with gr.Row():
-        outtype = gr.Dropdown(["f32", "f16", "bf16", "q8_0"], value="q8_0", label="GGUF tensor type", elem_id="outtype")
+        outtype = gr.Dropdown(list(OUTTYPES), value="q8_0", label="GGUF tensor type", elem_id="outtype",
+                              info="k-quants (q4_k_m, …) are made by llama.cpp's quantizer: liandan[llama]")
         name = gr.Textbox("jokes", label="Ollama model name", elem_id="ollama-name")
     with gr.Row():
         gguf = gr.Button("Export GGUF", elem_id="export-gguf")
