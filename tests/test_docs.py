@@ -112,9 +112,9 @@ def test_prompt_layout_states_sources_and_replaces_only_the_last_question(tmp_pa
     assert messages[:3] == history[:3] and len(sources) == 2
     assert sources[0]["source"] == "guide/battery.md" and sources[0]["rank"] == 1
     text = messages[3]["content"]
-    assert text.startswith("Answer the question from these sources.\n\n[1] guide/battery.md\n# Battery\n\n")
+    assert text.startswith("[1] guide/battery.md\n# Battery\n\n")
     assert "The Zephyr drone charges in 50 minutes over USB-C." in text and "\n\n[2] " in text
-    assert text.endswith("\n\nQuestion: How many minutes does the drone need to charge?")
+    assert text.endswith("\n\nAnswer in a few words from the text above.\nQuestion: How many minutes does the drone need to charge?")
     custom = DocsLayout.from_dict({"template": "{question}\n---\n{sources}", "source": "<{source}> {text}", "top_k": 1})
     asked, _ = DocsContext(docs.index, custom).apply([{"role": "user", "content": "propellers?"}])
     assert asked[0]["content"].startswith("propellers?\n---\n<props.md> # Propellers")
@@ -127,7 +127,7 @@ def test_layout_versions_and_system_placement(tmp_path):
 
     old_record = {k: v for k, v in _V1.items() if k not in ("placement", "version")}  # as version 1 saved it
     assert DocsLayout.from_dict(old_record) == DocsLayout(**_V1) and DocsLayout.from_dict(None) == DocsLayout()
-    assert DocsLayout().version == LAYOUT_VERSION and DocsLayout.from_dict({"version": 1}).version == 1
+    assert DocsLayout().version == LAYOUT_VERSION == 2 and DocsLayout.from_dict({"version": 1}) == DocsLayout(**_V1)
     index = open_docs(make_docs(tmp_path / "docs"))
     system = DocsLayout(template="Use this text.\n\n{sources}", source="{body}", placement="system", top_k=1)
     asked, _ = DocsContext(index, system).apply([{"role": "user", "content": "How long does the drone charge?"}])

@@ -71,3 +71,15 @@ def test_lora_gguf_in_llama_cpp_matches_peft(trained, tiny_llama, tmp_path):
     llm.eval(tokens)
     got = np.array(llm.scores[: len(tokens)])
     assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-3
+
+
+def test_studio_ship_tab_fuses_and_exports_twice(trained, tmp_path):
+    """The Ship tab's functions (the page calls exactly these): fuse, GGUF, Ollama; a second export replaces the first."""
+    from liandan.studio import ship
+
+    ship.fuse_run(trained / "adapters", tmp_path)
+    for _ in range(2):
+        gguf = ship.export_gguf(tmp_path, "f16")
+        modelfile, model_gguf, command = ship.export_ollama(tmp_path, "tiny", "q8_0")
+    assert gguf.read_bytes()[:4] == b"GGUF" == model_gguf.read_bytes()[:4]
+    assert "FROM ./tiny.gguf" in modelfile.read_text(encoding="utf-8") and command.startswith("ollama create tiny -f ")

@@ -33,8 +33,7 @@ def export_gguf(ship_dir: Path, outtype: str) -> Path:
     from liandan.export.cli import main
 
     outfile = Path(ship_dir) / f"model-{outtype}.gguf"
-    main(argparse.Namespace(target="gguf", model=str(_fused(ship_dir)), adapter_path=None, outfile=str(outfile),
-                            outtype=outtype))
+    main(_export_args("gguf", "--model", _fused(ship_dir), "--outfile", outfile, "--outtype", outtype, "--overwrite"))
     return outfile
 
 
@@ -43,7 +42,15 @@ def export_ollama(ship_dir: Path, name: str, outtype: str) -> tuple[Path, Path, 
     from liandan.export.cli import main
 
     out = Path(ship_dir) / f"{name}-ollama"
-    main(argparse.Namespace(target="ollama", model=str(_fused(ship_dir)), name=name, out=str(out), system=None,
-                            outtype=outtype))
+    main(_export_args("ollama", "--model", _fused(ship_dir), "--name", name, "--out", out, "--outtype", outtype,
+                      "--overwrite"))
     modelfile = out / "Modelfile"
     return modelfile, out / f"{name}.gguf", f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile.resolve()))}"
+
+
+def _export_args(*argv) -> argparse.Namespace:
+    """`liandan export ARGV` parsed by the CLI's own parser: every option gets the CLI's default. The page's
+    exports replace the previous ones of the same run (the fused model they come from was just rebuilt)."""
+    from liandan.export.cli import build_parser
+
+    return build_parser(argparse.ArgumentParser(prog="liandan export")).parse_args([str(a) for a in argv])
