@@ -183,8 +183,7 @@ def iteration_shown(page) -> int:
     return int(found.group(1)) if found else 0
 
 
-@pytest.mark.unverified
-@pytest.mark.slow
+@pytest.mark.slow  # about 8 minutes on a quiet 2-core machine
 def test_the_demo_through_the_page(studio, tmp_path):
     """Upload the six jokes, check, train 200 iterations (stopped and resumed on the way), test, chat, export."""
     server, page = studio
