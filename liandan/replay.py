@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -274,9 +275,7 @@ def nearest_replay(train: list[Encoded], pool: list[Encoded], per_example: int =
     model's answers to prompts near the trained ones guards those first (benchmarks/forgetting.py). Token
     ids need no word splitting, so every language the tokenizer knows works alike; the pool is a few
     hundred prompts, so a dense matrix over its vocabulary is small."""
-    import random as _random
-
-    prompts = [[t for t, label in zip(item.input_ids, item.labels) if label == IGNORE] for item in pool]
+    prompts = [_prompt_tokens(item) for item in pool]
     vocab = {t: i for i, t in enumerate(sorted({t for p in prompts for t in p}))}
     if not vocab or not train:
         return []
@@ -285,12 +284,15 @@ def nearest_replay(train: list[Encoded], pool: list[Encoded], per_example: int =
         df[[vocab[t] for t in set(p)]] += 1
     idf = torch.log((len(pool) + 1) / (df + 1))
     pool_matrix = torch.nn.functional.normalize(_bags(prompts, vocab) * idf, dim=1)
-    picked = train if len(train) <= sample else _random.Random(seed).sample(train, sample)
-    queries = _bags([[t for t, label in zip(item.input_ids, item.labels) if label == IGNORE] for item in picked],
-                    vocab) * idf
+    picked = train if len(train) <= sample else random.Random(seed).sample(train, sample)
+    queries = _bags([_prompt_tokens(item) for item in picked], vocab) * idf
     scores = queries @ pool_matrix.T
     top = scores.topk(min(per_example, len(pool)), dim=1)
     return [int(j) for row, vals in zip(top.indices, top.values) for j, v in zip(row, vals) if v > 0]
+
+
+def _prompt_tokens(item: Encoded) -> list[int]:
+    return [t for t, label in zip(item.input_ids, item.labels) if label == IGNORE]
 
 
 def _bags(token_lists: list[list[int]], vocab: dict[int, int]) -> torch.Tensor:
