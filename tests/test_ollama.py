@@ -217,8 +217,7 @@ def test_gguf_chat_template_gives_llama_cpp_the_training_prompt(name, bos, eos, 
 from conftest import E2E_TEMPLATES  # noqa: E402
 
 
-@pytest.mark.unverified
-@pytest.mark.slow
+@pytest.mark.slow  # about 30 s each after template_adapter's training (shared with test_templates_e2e.py)
 @pytest.mark.parametrize("name", list(E2E_TEMPLATES))
 def test_trained_model_ships_under_a_real_template(name, template_adapter, go_render, tmp_path):
     """Trained on the seed's jokes under a real template: the fused GGUF answers through llama.cpp's own
