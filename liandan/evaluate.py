@@ -30,8 +30,9 @@ def supervised_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, n
 
 
-def trained_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits that predict each trained label (n x vocab, as inference sees them) and the row of each."""
+def trained_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits that predict each trained label (n x vocab, as inference sees them), those n labels, and the
+    batch row of each."""
     base = unwrap(model)
     hidden = base.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -45,7 +46,7 @@ def trained_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     scaling = getattr(config, "logits_scaling", None)
     if scaling:
         logits = logits / scaling
-    return logits, selected.nonzero()[:, 0]
+    return logits, batch["labels"][:, 1:][selected], selected.nonzero()[:, 0]
 
 
 def loss_terms(model, batch: dict, with_kl: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
@@ -54,12 +55,11 @@ def loss_terms(model, batch: dict, with_kl: bool = False) -> tuple[torch.Tensor,
     The KL term exists when with_kl and the batch has soft targets (replay examples, see
     data.batching.collate): KL(base ‖ model) at those positions, the base distribution being its
     renormalised top-k."""
-    logits, _ = trained_logits(model, batch)
-    targets = batch["labels"][:, 1:]
-    n = logits.shape[0]
+    logits, targets, _ = trained_logits(model, batch)
+    n = len(targets)
     if n == 0:
         return logits.sum() * 0.0, 0, None
-    loss = F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     kl = None
     if with_kl and batch.get("soft_mask") is not None and bool(batch["soft_mask"].any()):
         log_q = logits[batch["soft_mask"]].float().log_softmax(-1).gather(-1, batch["soft_ids"])

@@ -382,9 +382,8 @@ def still_produces(model, prompts_ids: list[list[int]], continuations: list[list
     same: list[bool] = []
     for start in range(0, len(items), batch_size):
         batch = collate(items[start : start + batch_size], pad_id, device)  # right padding: causal, pads unseen
-        logits, rows = trained_logits(model, batch)
-        targets = batch["labels"][:, 1:]
-        wrong = logits.argmax(-1) != targets[targets != IGNORE]
+        logits, targets, rows = trained_logits(model, batch)
+        wrong = logits.argmax(-1) != targets
         misses = torch.zeros(len(batch["labels"]), dtype=torch.long, device=logits.device)
         misses.index_add_(0, rows, wrong.long())
         same += (misses == 0).tolist()
