@@ -1,6 +1,6 @@
 """Learning without forgetting: new facts learned vs. general knowledge kept, per anti-forgetting setting.
 
-    .venv/bin/python benchmarks/forgetting.py [--datasets facts demo] [--seeds 0 1 2] [--runs off default ...]
+    .venv/bin/python benchmarks/forgetting.py [--datasets facts demo] [--seeds 0 1 2] [--runs off default ...] [--margins]
 
 Each run is one `liandan lora --train --test` process on the embedded model (SmolLM2-135M-Instruct) with
 mlx_lm's default LoRA (last 16 layers, every linear layer, rank 8, scale 20), lr 1e-4, batch 2:
@@ -101,6 +101,7 @@ def run(data: Path, out: Path, iters: int, seed: int, flags: list[str], model: s
         "replay_gen_s": grab(r"generated in ([\d.]+)s, cached", default=0.0),
         "wall_s": wall,
         "forgotten": re.findall(r"✗ forgotten: (.*)", text),
+        "forgotten_questions": [q for _, q in re.findall(r"✗ forgotten: (['\"])(.*?)\1 → ", text)],
     }
 
 
@@ -142,6 +143,49 @@ def print_table(summaries: list[dict], iters: dict) -> None:
             print(f"{s['dataset']} / {s['run']} forgot: " + "; ".join(s["forgotten"]))
 
 
+def base_margins(model: str | None) -> dict[str, float]:
+    """Per held-out question the base model answers right: how sure it was. The margin is the smallest gap, over
+    the answer's decisive tokens (replay.decisive_prefix), between the log-probability of the token it chose and
+    of the best other token. Near 0 the base model's right answer was nearly a coin flip."""
+    import torch
+
+    from liandan.generate import load_pipeline
+    from liandan.replay import base_retention, user_prompt_ids
+
+    pipe = load_pipeline(model, None)
+    device = pipe.device.torch_device
+    pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0
+    base = base_retention(pipe.model, pipe.tokenizer, pipe.encoder, pipe.model_dir, pipe.stop_ids, pad, device)
+    margins = {}
+    with torch.no_grad():
+        for question, ok, decisive in zip(base.questions, base.correct, base.decisive):
+            if not ok:
+                continue
+            prompt = user_prompt_ids(pipe.encoder, question.question)
+            ids = torch.tensor([prompt + decisive], device=device)
+            logp = pipe.model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            chosen = torch.tensor(decisive, device=device)[:, None]
+            others = logp.scatter(1, chosen, float("-inf")).max(-1).values
+            margins[question.question] = (logp.gather(1, chosen)[:, 0] - others).min().item()
+    return margins
+
+
+def print_margins(summaries: list[dict], margins: dict[str, float]) -> None:
+    """Are the answers lost the ones the base model was least sure of? Compared with the lowest quarter of all."""
+    ranked = sorted(margins.values())
+    cut = ranked[len(ranked) // 4]
+    print(f"\nBase model's margin on its {len(ranked)} right answers: median {ranked[len(ranked) // 2]:.2f}, "
+          f"lowest quarter below {cut:.2f} (log-probability gap to the next token)")
+    print("| data | setting | answers lost (all seeds) | their median margin | in the lowest quarter |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for s in summaries:
+        lost = [margins[q] for r in s["rows"] for q in r["forgotten_questions"] if q in margins]
+        if lost:
+            low = sum(m < cut for m in lost)
+            print(f"| {s['dataset']} | {s['run']} | {len(lost)} | {sorted(lost)[len(lost) // 2]:.2f} | "
+                  f"{low}/{len(lost)} ({100 * low / len(lost):.0f} %; 25 % if unrelated) |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
@@ -151,6 +195,8 @@ def main() -> int:
                              "(e.g. 'r4=--replay-ratio 4')")
     parser.add_argument("--model", default=None, help="Base model (default: the embedded smollm2-135m)")
     parser.add_argument("--json", help="Also write the results to this JSON file")
+    parser.add_argument("--margins", action="store_true",
+                        help="Also show whether the answers lost are the ones the base model was least sure of")
     args = parser.parse_args()
 
     for spec in args.runs:
@@ -177,6 +223,8 @@ def main() -> int:
                 if args.json:
                     Path(args.json).write_text(json.dumps(summaries, indent=2, ensure_ascii=False), encoding="utf-8")
     print_table(summaries, DATASETS)
+    if args.margins:
+        print_margins(summaries, base_margins(args.model))
     return 0
 
 
