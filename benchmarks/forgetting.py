@@ -154,8 +154,8 @@ def base_margins(model: str | None) -> dict[str, float]:
 
     pipe = load_pipeline(model, None)
     device = pipe.device.torch_device
-    pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else 0
-    base = base_retention(pipe.model, pipe.tokenizer, pipe.encoder, pipe.model_dir, pipe.stop_ids, pad, device)
+    base = base_retention(pipe.model, pipe.tokenizer, pipe.encoder, pipe.model_dir, pipe.stop_ids,
+                          pipe.tokenizer.pad_token_id, device)  # models.load_tokenizer always sets a pad token
     margins = {}
     with torch.no_grad():
         for question, ok, decisive in zip(base.questions, base.correct, base.decisive):
