@@ -37,7 +37,8 @@ def trained_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
     hidden = base.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     )[0]
-    selected = batch["labels"][:, 1:] != IGNORE
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    selected = labels != IGNORE
     logits = base.get_output_embeddings()(hidden[:, :-1][selected])
     config = base.config
     cap = getattr(config, "final_logit_softcapping", None)
@@ -46,7 +47,7 @@ def trained_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
     scaling = getattr(config, "logits_scaling", None)
     if scaling:
         logits = logits / scaling
-    return logits, batch["labels"][:, 1:][selected], selected.nonzero()[:, 0]
+    return logits, labels[selected], selected.nonzero()[:, 0]
 
 
 def loss_terms(model, batch: dict, with_kl: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
