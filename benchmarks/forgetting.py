@@ -143,36 +143,20 @@ def print_table(summaries: list[dict], iters: dict) -> None:
             print(f"{s['dataset']} / {s['run']} forgot: " + "; ".join(s["forgotten"]))
 
 
-def base_margins(model: str | None, batch_size: int = 32) -> dict[str, float]:
-    """Per held-out question the base model answers right: how sure it was. The margin is the smallest gap, over
-    the answer's decisive tokens (replay.decisive_prefix), between the logit of the token it chose and of the best
-    other token (log-probabilities differ by the same amount). Near 0 the right answer was nearly a coin flip.
-    The positions are those replay.still_produces checks, through the same evaluate.trained_logits."""
-    import torch
-
-    from liandan.data.batching import collate
-    from liandan.data.render import IGNORE, Encoded
-    from liandan.evaluate import trained_logits
+def base_margins(model: str | None) -> dict[str, float]:
+    """Per held-out question the base model answers right: how sure it was, as replay.decisive_margins over the
+    answer's decisive tokens (replay.decisive_prefix), the positions the retention check tests. Near 0 the right
+    answer was nearly a coin flip."""
     from liandan.generate import load_pipeline
-    from liandan.replay import base_retention, user_prompt_ids
+    from liandan.replay import base_retention, decisive_margins, user_prompt_ids
 
     pipe = load_pipeline(model, None)
     device, pad = pipe.device.torch_device, pipe.tokenizer.pad_token_id  # models.load_tokenizer always sets one
     base = base_retention(pipe.model, pipe.tokenizer, pipe.encoder, pipe.model_dir, pipe.stop_ids, pad, device)
     known = [(q.question, d) for q, ok, d in zip(base.questions, base.correct, base.decisive) if ok]
-    margins = {}
-    with torch.no_grad():
-        for start in range(0, len(known), batch_size):
-            chunk = known[start : start + batch_size]
-            items = [Encoded(p + d, [IGNORE] * len(p) + d, 0)
-                     for p, d in ((user_prompt_ids(pipe.encoder, q), d) for q, d in chunk)]
-            logits, targets, rows = trained_logits(pipe.model, collate(items, pad, device))
-            logits = logits.float()
-            chosen = logits.gather(1, targets[:, None])[:, 0]
-            others = logits.scatter(1, targets[:, None], float("-inf")).max(-1).values
-            for row, (question, _) in enumerate(chunk):
-                margins[question] = (chosen - others)[rows == row].min().item()
-    return margins
+    prompts = [user_prompt_ids(pipe.encoder, q) for q, _ in known]
+    margins = decisive_margins(pipe.model, prompts, [d for _, d in known], pad, device)
+    return {q: m for (q, _), m in zip(known, margins)}
 
 
 def print_margins(summaries: list[dict], margins: dict[str, float]) -> None:

@@ -169,7 +169,7 @@ def test_teacher_forced_check_agrees_with_greedy_generation(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from liandan.data.render import Encoder, make_rendering
-    from liandan.replay import decisive_prefix, greedy_answers, still_produces, user_prompt_ids
+    from liandan.replay import decisive_margins, decisive_prefix, greedy_answers, still_produces, user_prompt_ids
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -179,6 +179,11 @@ def test_teacher_forced_check_agrees_with_greedy_generation(tiny_llama):
     assert still_produces(model, prompts, [a.tokens for a in answers], tokenizer.pad_token_id, "cpu") == [True] * 3
     wrong = [a.tokens[:-1] + [(a.tokens[-1] + 1) % len(tokenizer)] for a in answers]
     assert still_produces(model, prompts, wrong, tokenizer.pad_token_id, "cpu") == [False] * 3
+    # The margin is the smallest over the continuation: a prefix of the greedy answer is at least as sure.
+    full = decisive_margins(model, prompts, [a.tokens for a in answers], tokenizer.pad_token_id, "cpu")
+    first = decisive_margins(model, prompts, [a.tokens[:1] for a in answers], tokenizer.pad_token_id, "cpu")
+    assert all(0 < f <= p for f, p in zip(full, first)), (full, first)
+    assert all(m < 0 for m in decisive_margins(model, prompts, wrong, tokenizer.pad_token_id, "cpu"))
     ids = tokenizer("There are 240 hours", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(decisive_prefix(tokenizer, ids, ["240"])) == "There are 240 hours"  # the word closed
     assert decisive_prefix(tokenizer, ids, ["24"]) == ids  # "24" is never a whole word here
