@@ -81,7 +81,8 @@ class TrainConfig:
     trust_remote_code: bool = False
     # Self-replay against forgetting (liandan.replay): base-model answers to general prompts mixed into
     # chat-style training, this many per training example; 0 turns it off.
-    # Defaults from benchmarks/forgetting.py: ratio 1 + KL 3 kept 31/32 general answers and all 10 new facts.
+    # Defaults chosen with benchmarks/forgetting.py (README, "Learning without forgetting"): a larger KL weight
+    # keeps more general answers but learns the new ones slower.
     replay_ratio: float = 1.0
     replay_prompts: str | None = None  # a file of one's own replay prompts (JSONL "prompt" or one per line)
     replay_focus: float = 0.0  # share of replay drawn from the prompts nearest the training ones (replay.nearest_replay)
