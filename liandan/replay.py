@@ -394,9 +394,9 @@ def decisive_margins(model, prompts_ids: list[list[int]], continuations: list[li
 
 def still_produces(model, prompts_ids: list[list[int]], continuations: list[list[int]], pad_id: int, device,
                    batch_size: int = 32) -> list[bool]:
-    """Per prompt: would greedy decoding produce this continuation? An exact tie counts as no (argmax would pick
-    the lower token id either way): that answer is then generated and checked, so a tie costs time, never a
-    wrong verdict."""
+    """Per prompt: would greedy decoding produce this continuation? An exact tie counts as no, whichever token
+    greedy decoding would pick: retention() then generates that answer and checks it, so a tie costs time,
+    never a wrong verdict."""
     return [m > 0 for m in decisive_margins(model, prompts_ids, continuations, pad_id, device, batch_size)]
 
 
