@@ -144,19 +144,16 @@ def print_table(summaries: list[dict], iters: dict) -> None:
 
 
 def base_margins(model: str | None) -> dict[str, float]:
-    """Per held-out question the base model answers right: how sure it was, as replay.decisive_margins over the
-    answer's decisive tokens (replay.decisive_prefix), the positions the retention check tests. Near 0 the right
-    answer was nearly a coin flip."""
+    """Per held-out question the base model answers right: how sure it was (replay.BaseKnowledge.margins over
+    the answer's decisive tokens, the positions the retention check tests). Near 0 the right answer was nearly
+    a coin flip."""
     from liandan.generate import load_pipeline
-    from liandan.replay import base_retention, decisive_margins, user_prompt_ids
+    from liandan.replay import base_retention
 
     pipe = load_pipeline(model, None)
     device, pad = pipe.device.torch_device, pipe.tokenizer.pad_token_id  # models.load_tokenizer always sets one
     base = base_retention(pipe.model, pipe.tokenizer, pipe.encoder, pipe.model_dir, pipe.stop_ids, pad, device)
-    known = [(q.question, d) for q, ok, d in zip(base.questions, base.correct, base.decisive) if ok]
-    prompts = [user_prompt_ids(pipe.encoder, q) for q, _ in known]
-    margins = decisive_margins(pipe.model, prompts, [d for _, d in known], pad, device)
-    return {q: m for (q, _), m in zip(known, margins)}
+    return {base.questions[i].question: m for i, m in base.margins(pipe.model, pipe.encoder, pad, device).items()}
 
 
 def print_margins(summaries: list[dict], margins: dict[str, float]) -> None:

@@ -343,6 +343,16 @@ class BaseKnowledge:
     correct: list[bool]  # per question: did the base model answer it correctly
     decisive: list[list[int]]  # per correct answer: its tokens up to and including the expected words, else []
 
+    def margins(self, model, encoder, pad_id: int, device) -> dict[int, float]:
+        """Per question the base model answered right (by index): how surely `model` still gives that answer,
+        as decisive_margins over its decisive tokens. Above 0 it still does; for the base model itself, a
+        margin near 0 means its right answer was nearly a coin flip."""
+        known = [i for i, ok in enumerate(self.correct) if ok]
+        if not known:
+            return {}
+        prompts = [user_prompt_ids(encoder, self.questions[i].question) for i in known]
+        return dict(zip(known, decisive_margins(model, prompts, [self.decisive[i] for i in known], pad_id, device)))
+
 
 def decisive_prefix(tokenizer, tokens: list[int], expected: list[str]) -> list[int]:
     """The base answer's tokens up to the one after the expected words first appear (that token closes the word:
@@ -394,22 +404,13 @@ def decisive_margins(model, prompts_ids: list[list[int]], continuations: list[li
     return margins
 
 
-def still_produces(model, prompts_ids: list[list[int]], continuations: list[list[int]], pad_id: int, device,
-                   batch_size: int = 32) -> list[bool]:
-    """Per prompt: would greedy decoding produce this continuation? An exact tie counts as no, whichever token
-    greedy decoding would pick: retention() then generates that answer and checks it, so a tie costs time,
-    never a wrong verdict."""
-    return [m > 0 for m in decisive_margins(model, prompts_ids, continuations, pad_id, device, batch_size)]
-
-
 def retention(model, tokenizer, encoder, base: BaseKnowledge, stop_ids, pad_id, device) -> Retention:
     """How many of the base model's correct answers the trained model still gives. Where it still produces the base
     answer's decisive prefix the answer is kept without generating; only the others are generated and checked."""
-    known = [i for i, ok in enumerate(base.correct) if ok]
-    prompts = [user_prompt_ids(encoder, base.questions[i].question) for i in known]
-    same = still_produces(model, prompts, [base.decisive[i] for i in known], pad_id, device) if known else []
+    # An exact tie (margin 0) counts as changed, whichever token greedy decoding would pick: that answer is then
+    # generated and checked, so a tie costs time, never a wrong verdict.
+    changed = [i for i, m in base.margins(model, encoder, pad_id, device).items() if m <= 0]
     after, replies = list(base.correct), [""] * len(base.questions)  # kept unless shown otherwise below
-    changed = [i for i, s in zip(known, same) if not s]
     for i, reply in zip(changed, answer_replies(model, tokenizer, encoder, [base.questions[i] for i in changed],
                                                 stop_ids, pad_id, device) if changed else []):
         after[i], replies[i] = is_correct(reply, base.questions[i].answers), reply
