@@ -52,6 +52,14 @@ def variants(default: DocsLayout) -> list[tuple[str, dict]]:
             plain, template="Answer the question from this text.\n\n{sources}", placement="system"), "k": 1}),
         ("shorter chunks (40 words), plain, k=3", {"layout": plain, "k": 3, "chunk_words": 40}),
         ("shorter chunks (40 words), plain, k=1", {"layout": plain, "k": 1, "chunk_words": 40}),
+        ("best 1 sentence of the top 3 chunks (BM25 over their sentences)",
+         {"layout": default, "k": 3, "sentences": 1}),
+        ("best 2 sentences of the top 3 chunks", {"layout": default, "k": 3, "sentences": 2}),
+        ("best 3 sentences of the top 3 chunks", {"layout": default, "k": 3, "sentences": 3}),
+        ("best 2 sentences of the gold section", {"layout": default, "k": 1, "gold": True, "sentences": 2}),
+        ("1 worked example as an earlier chat turn, k=3", {"layout": default, "k": 3, "shots": 1}),
+        ("2 worked examples as earlier chat turns, k=3", {"layout": default, "k": 3, "shots": 2}),
+        ("2 worked examples as earlier chat turns, gold", {"layout": default, "k": 1, "gold": True, "shots": 2}),
         ("default now", {"layout": default, "k": default.top_k}),
     ]
 
@@ -66,6 +74,56 @@ def load_index(lang: str, chunk_words: int | None):
         return docs_index.DocsIndex.build(HANDBOOK / lang, log=lambda *_: None)
     finally:
         docs_index.CHUNK_WORDS = saved
+
+
+# Worked examples for the few-shot rows: an invented product unrelated to the handbooks, answered in a few words.
+SHOTS = {
+    "en": [("The Lumo desk lamp was designed by Orin Works in Oslo. It weighs 1.2 kilograms and its shade is made of "
+            "frosted glass. The lamp runs for 30 hours on one charge, and the status light turns blue when the battery "
+            "is low.", "How long does the lamp run on a charge?", "30 hours"),
+           ("The Tessa kettle boils one litre of water in four minutes. Its filter should be rinsed every two weeks. "
+            "If the base beeps three times, the kettle is empty.", "What does it mean when the base beeps three times?",
+            "the kettle is empty")],
+    "zh": [("鹿鸣台灯由奥林工坊在杭州设计，重1.2千克，灯罩由磨砂玻璃制成。充满一次电可以使用30小时，电量低时状态灯变成蓝色。",
+            "台灯充一次电能用多久？", "30小时"),
+           ("泰莎电水壶四分钟能烧开一升水。滤网应每两周冲洗一次。如果底座响三声，说明水壶里没有水。", "底座响三声是什么意思？",
+            "水壶里没有水")],
+}
+
+
+def worked_examples(layout: DocsLayout, lang: str, n: int) -> list[dict]:
+    """n earlier user/assistant turns, each a SHOTS passage in this layout and its short answer."""
+    from liandan.docs.index import Chunk
+
+    turns = []
+    for text, question, answer in SHOTS[lang][:n]:
+        passage = Chunk(text=text, source="example.md", section="")
+        turns += [{"role": "user", "content": layout.fill(question, [passage])}, {"role": "assistant", "content": answer}]
+    return turns
+
+
+def best_sentences(index, question: str, chunks: list, n: int) -> list:
+    """Contextual compression: only the n sentences of these chunks that BM25 scores highest for the question,
+    in their reading order, one pseudo-chunk per source chunk. Does a shorter context help a small reader?"""
+    import re
+
+    import bm25s
+
+    from liandan.docs.index import Chunk
+    from liandan.docs.prompt import body_of
+
+    split = re.compile(r"(?<=[.!?。！？；;])\s*")
+    sentences = [(c, s.strip()) for c in chunks for s in split.split(body_of(c)) if s.strip()]
+    scorer = bm25s.BM25()
+    scorer.index([index.analyzer.terms(s) or ["_"] for _, s in sentences], show_progress=False)
+    terms = [t for t in index.analyzer.terms(question) if t in scorer.vocab_dict]
+    if not terms:
+        return chunks
+    ids, _ = scorer.retrieve([terms], k=min(n, len(sentences)), show_progress=False, n_threads=1)
+    kept: dict[int, list[str]] = {}
+    for i in sorted(int(i) for i in ids[0]):
+        kept.setdefault(id(sentences[i][0]), []).append(sentences[i][1])
+    return [Chunk(text=" ".join(kept[id(c)]), source=c.source, section="") for c in chunks if id(c) in kept]
 
 
 def messages_for(layout: DocsLayout, qa, chunks) -> list[dict]:
@@ -93,7 +151,9 @@ def run_variant(pipe, lang, questions, settings, indexes, max_tokens) -> tuple[i
         hits += any(is_relevant(c, qa) for c in retrieved)
         chunks = [c for c in index.chunks if is_relevant(c, qa)] if settings.get("gold") else retrieved
         chunks = chunks[::-1] if settings.get("reverse") else chunks
-        messages = messages_for(settings["layout"], qa, chunks)
+        chunks = best_sentences(index, qa.question, chunks, settings["sentences"]) if settings.get("sentences") else chunks
+        shots = worked_examples(settings["layout"], lang, settings.get("shots", 0))
+        messages = shots + messages_for(settings["layout"], qa, chunks)
         out = generate(pipe.model, pipe.encoder.prompt_ids(messages), max_tokens, pipe.stop_ids, pipe.device.torch_device)
         got = pipe.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
         ok = contains_answer(got, qa.answer)
