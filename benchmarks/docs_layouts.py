@@ -151,7 +151,8 @@ def run_variant(pipe, lang, questions, settings, indexes, max_tokens) -> tuple[i
         hits += any(is_relevant(c, qa) for c in retrieved)
         chunks = [c for c in index.chunks if is_relevant(c, qa)] if settings.get("gold") else retrieved
         chunks = chunks[::-1] if settings.get("reverse") else chunks
-        chunks = best_sentences(index, qa.question, chunks, settings["sentences"]) if settings.get("sentences") else chunks
+        if settings.get("sentences"):
+            chunks = best_sentences(index, qa.question, chunks, settings["sentences"])
         shots = worked_examples(settings["layout"], lang, settings.get("shots", 0))
         messages = shots + messages_for(settings["layout"], qa, chunks)
         out = generate(pipe.model, pipe.encoder.prompt_ids(messages), max_tokens, pipe.stop_ids, pipe.device.torch_device)

@@ -169,7 +169,8 @@ def test_teacher_forced_check_agrees_with_greedy_generation(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from liandan.data.render import Encoder, make_rendering
-    from liandan.replay import decisive_margins, decisive_prefix, greedy_answers, user_prompt_ids
+    from liandan.replay import (BaseKnowledge, Question, decisive_margins, decisive_prefix, greedy_answers,
+                                user_prompt_ids)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -183,6 +184,11 @@ def test_teacher_forced_check_agrees_with_greedy_generation(tiny_llama):
     first = decisive_margins(model, prompts, [a.tokens[:1] for a in answers], tokenizer.pad_token_id, "cpu")
     assert all(0 < f <= p for f, p in zip(full, first)), (full, first)
     assert all(m < 0 for m in decisive_margins(model, prompts, wrong, tokenizer.pad_token_id, "cpu"))
+    # BaseKnowledge.margins, what retention() and the benchmark use: the right answers only, by question index.
+    questions = [Question(q, ["?"]) for q in ("Hi", "Tell me a story about a dog", "Why?")]
+    base = BaseKnowledge(questions, [True, False, True], [answers[0].tokens, [], wrong[2]])
+    by_index = base.margins(model, encoder, tokenizer.pad_token_id, "cpu")
+    assert sorted(by_index) == [0, 2] and by_index[0] == pytest.approx(full[0]) and by_index[2] < 0
     ids = tokenizer("There are 240 hours", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(decisive_prefix(tokenizer, ids, ["240"])) == "There are 240 hours"  # the word closed
     assert decisive_prefix(tokenizer, ids, ["24"]) == ids  # "24" is never a whole word here
