@@ -98,7 +98,8 @@ def worked_examples(layout: DocsLayout, lang: str, n: int) -> list[dict]:
     turns = []
     for text, question, answer in SHOTS[lang][:n]:
         passage = Chunk(text=text, source="example.md", section="")
-        turns += [{"role": "user", "content": layout.fill(question, [passage])}, {"role": "assistant", "content": answer}]
+        turns += [{"role": "user", "content": layout.fill(question, [passage])},
+                  {"role": "assistant", "content": answer}]
     return turns
 
 
@@ -143,7 +144,9 @@ def run_variant(pipe, lang, questions, settings, indexes, max_tokens) -> tuple[i
     from liandan.generate import generate
 
     words = settings.get("chunk_words")
-    index = indexes.setdefault(words, load_index(lang, words))
+    if words not in indexes:  # one index per chunk size and language, built once
+        indexes[words] = load_index(lang, words)
+    index = indexes[words]
     correct = hits = stopped = 0
     answers = []
     for qa in questions:

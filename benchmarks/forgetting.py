@@ -13,7 +13,7 @@ The test set is the training set: were the new answers learned (greedy, exact, s
 (liandan/knowledge/retention.jsonl, disjoint from the replay prompts and the base model's replay answers)
 that the base model answers correctly, how many are still correct after training. Counts are pooled over
 the seeds, with a 95 % Wilson interval. Train time is the training loop alone (replay generation is a
-one-time, cached cost, shown apart).
+one-time, cached cost, in the --json file as replay_gen_s).
 """
 
 from __future__ import annotations

@@ -92,8 +92,8 @@ class TrainConfig:
     max_grad_norm: float | None = None  # clip the gradient norm of each step (HF Trainer's 1.0); None = no clipping
     # "random": every batch is a random draw of examples (as in HF Trainer); on CPU, examples of very different
     # lengths run as separate sub-batches so little compute goes to padding. "length": mlx_lm's batches of similar
-    # lengths in random order. benchmarks/train_speed.py: "length" ended 0.3% higher in validation loss on
-    # 3 of 3 seeds (a batch of four short examples gives a noisy step with the weight of a full one).
+    # lengths in random order. benchmarks/train_speed.py: "length" ended 0.3–0.6 % higher in validation loss
+    # on 3 of 3 seeds (a batch of four short examples gives a noisy step with the weight of a full one).
     batch_order: str = "random"
 
     def to_dict(self) -> dict:

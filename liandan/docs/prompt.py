@@ -25,7 +25,8 @@ class DocsLayout:
 
     # Sources first, then the instruction and the question last: a small model answers the text nearest to its
     # answer. Version 2's "a few words from the text above" lifted the embedded model's reading of the right
-    # section from 6/15 to 9/15 (benchmarks/docs_layouts.py, English handbook; 3 → 4 with the top 3 chunks).
+    # section from 6/15 to 9/15 with plain sources, and from 3/15 to 4/15 in this numbered layout with the top 3
+    # chunks (benchmarks/docs_layouts.py, English handbook).
     template: str = "{sources}\n\nAnswer in a few words from the text above.\nQuestion: {question}"
     source: str = "[{n}] {source}\n{text}"
     separator: str = "\n\n"
