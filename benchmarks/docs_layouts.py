@@ -106,15 +106,13 @@ def worked_examples(layout: DocsLayout, lang: str, n: int) -> list[dict]:
 def best_sentences(index, question: str, chunks: list, n: int) -> list:
     """Contextual compression: only the n sentences of these chunks that BM25 scores highest for the question,
     in their reading order, one pseudo-chunk per source chunk. Does a shorter context help a small reader?"""
-    import re
-
     import bm25s
 
+    from liandan.data.docs import _SENTENCE_END  # the chunker's own sentence ends
     from liandan.docs.index import Chunk
     from liandan.docs.prompt import body_of
 
-    split = re.compile(r"(?<=[.!?。！？；;])\s*")
-    sentences = [(c, s.strip()) for c in chunks for s in split.split(body_of(c)) if s.strip()]
+    sentences = [(c, s.strip()) for c in chunks for s in _SENTENCE_END.split(body_of(c)) if s.strip()]
     scorer = bm25s.BM25()
     scorer.index([index.analyzer.terms(s) or ["_"] for _, s in sentences], show_progress=False)
     terms = [t for t in index.analyzer.terms(question) if t in scorer.vocab_dict]
@@ -147,6 +145,7 @@ def run_variant(pipe, lang, questions, settings, indexes, max_tokens) -> tuple[i
     if words not in indexes:  # one index per chunk size and language, built once
         indexes[words] = load_index(lang, words)
     index = indexes[words]
+    shots = worked_examples(settings["layout"], lang, settings.get("shots", 0))  # the same before every question
     correct = hits = stopped = 0
     answers = []
     for qa in questions:
@@ -156,7 +155,6 @@ def run_variant(pipe, lang, questions, settings, indexes, max_tokens) -> tuple[i
         chunks = chunks[::-1] if settings.get("reverse") else chunks
         if settings.get("sentences"):
             chunks = best_sentences(index, qa.question, chunks, settings["sentences"])
-        shots = worked_examples(settings["layout"], lang, settings.get("shots", 0))
         messages = shots + messages_for(settings["layout"], qa, chunks)
         out = generate(pipe.model, pipe.encoder.prompt_ids(messages), max_tokens, pipe.stop_ids, pipe.device.torch_device)
         got = pipe.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()

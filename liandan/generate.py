@@ -18,6 +18,7 @@ import torch
 
 from liandan.data.render import CHAT_TEMPLATE_HELP, stop_token_ids
 from liandan.device import peak_memory_gb
+from liandan.docs.prompt import TOP_K_HELP
 from liandan.errors import LiandanError
 from liandan.reasoning import ShownAnswer, splitter_for
 
@@ -238,7 +239,7 @@ def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argp
                         "(default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
     parser.add_argument("--docs", help="Answer from these documents: a folder (Markdown/text/HTML) or a `liandan docs index`")
-    parser.add_argument("--top-k", type=int, default=None, help="Chunks put in the prompt with --docs (default: the trained layout's, else 3)")
+    parser.add_argument("--top-k", type=int, default=None, help=TOP_K_HELP)
     return parser
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from liandan.config import TrainConfig, check_world, load_config
 from liandan.data.formats import load_splits
 from liandan.data.render import CHAT_TEMPLATE_HELP, Encoder, Rendering, make_rendering, stop_token_ids
+from liandan.docs.prompt import TOP_K_HELP
 from liandan.device import Device, pick_device
 from liandan.errors import LiandanError
 from liandan.models import DEFAULT_MODEL, load_model, resolve_model
@@ -76,7 +77,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--max-grad-norm", type=float, help="Clip each step's gradient to this norm (default: no clipping)")
     add("--docs", help="With --test: answer each test question from the top chunks of these documents (a folder "
                        "or a `liandan docs index`), in the layout the adapter was trained with")
-    add("--top-k", type=int, help="Chunks per question with --docs (default: the trained layout's, else 3)")
+    add("--top-k", type=int, help=TOP_K_HELP)
     add("--batch-order", choices=["random", "length"],
         help="random (default): batches are random draws (on CPU, very different lengths run as separate "
              "sub-batches, so little compute goes to padding); length: mlx_lm's batches of similar lengths")

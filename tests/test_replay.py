@@ -175,7 +175,8 @@ def test_teacher_forced_check_agrees_with_greedy_generation(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     encoder = Encoder(tokenizer, make_rendering(tokenizer))
-    prompts = [user_prompt_ids(encoder, q) for q in ("Hi", "Tell me a story about a dog", "Why?")]
+    texts = ("Hi", "Tell me a story about a dog", "Why?")
+    prompts = [user_prompt_ids(encoder, q) for q in texts]
     answers = greedy_answers(model, prompts, 12, [], tokenizer.pad_token_id, "cpu")
     # Greedy decoding produced these answers, so their margin is above 0; one token changed, below 0.
     full = decisive_margins(model, prompts, [a.tokens for a in answers], tokenizer.pad_token_id, "cpu")
@@ -185,8 +186,7 @@ def test_teacher_forced_check_agrees_with_greedy_generation(tiny_llama):
     assert all(0 < f <= p for f, p in zip(full, first)), (full, first)
     assert all(m < 0 for m in decisive_margins(model, prompts, wrong, tokenizer.pad_token_id, "cpu"))
     # BaseKnowledge.margins, what retention() and the benchmark use: the right answers only, by question index.
-    questions = [Question(q, ["?"]) for q in ("Hi", "Tell me a story about a dog", "Why?")]
-    base = BaseKnowledge(questions, [True, False, True], [answers[0].tokens, [], wrong[2]])
+    base = BaseKnowledge([Question(q, ["?"]) for q in texts], [True, False, True], [answers[0].tokens, [], wrong[2]])
     by_index = base.margins(model, encoder, tokenizer.pad_token_id, "cpu")
     assert sorted(by_index) == [0, 2] and by_index[0] == pytest.approx(full[0]) and by_index[2] < 0
     ids = tokenizer("There are 240 hours", add_special_tokens=False)["input_ids"]

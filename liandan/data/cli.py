@@ -8,6 +8,7 @@ from pathlib import Path
 
 from liandan.data.formats import MAX_LINE_BYTES
 from liandan.data.render import CHAT_TEMPLATE_HELP
+from liandan.docs.prompt import DEFAULT_TOP_K
 from liandan.errors import LiandanError
 
 
@@ -44,7 +45,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d.add_argument("--overlap", type=int, default=64, help="Tokens repeated when a paragraph is cut (default 64)")
     d.add_argument("--questions", help="Q&A JSONL (prompt/completion): write retrieval-aware examples instead — each "
                    "question with its --top-k retrieved chunks (the relevant one and distractors) → the answer")
-    d.add_argument("--top-k", type=int, default=3, help="Chunks per question with --questions (default 3)")
+    d.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help=f"Chunks per question with --questions (default {DEFAULT_TOP_K})")
     d.add_argument("--seed", type=int, default=0, help="Seed for the order of chunks with --questions (default 0)")
     y = sub.add_parser("synth", help="Question/answer pairs for each chunk of your documents, from a teacher model")
     y.add_argument("source", help="A folder of documents (or one file)")

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from liandan.docs.prompt import DEFAULT_TOP_K
+
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -17,7 +19,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="Show the chunks a question retrieves")
     s.add_argument("docs", help="A saved index or a folder of documents (indexed via the cache)")
     s.add_argument("--query", "-q", required=True, help="The question")
-    s.add_argument("--top-k", type=int, default=3, help="How many chunks (default 3)")
+    s.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help=f"How many chunks (default {DEFAULT_TOP_K})")
     s.add_argument("--json", action="store_true", help="Print the hits as JSON")
     return parser
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from liandan.docs.prompt import TOP_K_HELP
 from liandan.errors import LiandanError
 
 MODES = ("base", "base+docs", "adapter", "adapter+docs")
@@ -25,7 +26,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="Base model (default: the adapter's base model, else smollm2-135m)")
     parser.add_argument("--adapter-path", help="Adapter directory: adds the adapter and adapter+docs modes")
     parser.add_argument("--docs", help="Documents (a folder or a `liandan docs index`): adds the +docs modes")
-    parser.add_argument("--top-k", type=int, default=None, help="Chunks per question with --docs (default: the trained layout's, else 3)")
+    parser.add_argument("--top-k", type=int, default=None, help=TOP_K_HELP)
     parser.add_argument("--modes", nargs="+", choices=MODES, help="Only these modes (default: all that apply)")
     parser.add_argument("--max-tokens", "-m", type=int, default=48, help="Answer budget per question (default 48)")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON")

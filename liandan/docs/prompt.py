@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from liandan.errors import LiandanError
 
 DEFAULT_TOP_K = 3
+# --top-k of every command that reads a trained adapter's record (generate, chat, serve, eval, lora --test)
+TOP_K_HELP = f"Chunks per question with --docs (default: the trained layout's, else {DEFAULT_TOP_K})"
 LAYOUT_VERSION = 2  # bump when the default layout changes; records keep the one their adapter learned
 # Version 1, frozen here as recorded (the defaults below may change): records without "version" are version 1.
 _V1 = {"template": "Answer the question from these sources.\n\n{sources}\n\nQuestion: {question}",
