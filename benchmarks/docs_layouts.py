@@ -27,10 +27,18 @@ HANDBOOK = ROOT / "liandan" / "examples" / "handbook"
 OLD = DocsLayout(**_V1)  # the first --docs layout
 
 
+# Ask for the sentence that answers, not the fact alone: finding the sentence that shares the question's words may
+# be easier for a small reader than cutting the fact out of it, and the sentence holds the answer.
+QUOTE = "{sources}\n\nCopy the sentence from the text above that answers the question.\nQuestion: {question}"
+# The question before the sources too, so the reader knows what to look for while it reads them.
+SANDWICH = "Question: {question}\n\n{sources}\n\nAnswer in a few words from the text above.\nQuestion: {question}"
+
+
 def variants(default: DocsLayout) -> list[tuple[str, dict]]:
     """(name, settings): layout (a DocsLayout), k, chunk_words (index chunk size), gold (oracle context)."""
     plain = replace(OLD, source="{body}")
     short = replace(plain, template="{sources}\n\nAnswer in a few words from the text above.\nQuestion: {question}")
+    quote_plain = replace(plain, template=QUOTE)
     return [
         ("v1 layout, k=3", {"layout": OLD, "k": 3}),
         ("v1 layout, k=2", {"layout": OLD, "k": 2}),
@@ -60,6 +68,17 @@ def variants(default: DocsLayout) -> list[tuple[str, dict]]:
         ("1 worked example as an earlier chat turn, k=3", {"layout": default, "k": 3, "shots": 1}),
         ("2 worked examples as earlier chat turns, k=3", {"layout": default, "k": 3, "shots": 2}),
         ("2 worked examples as earlier chat turns, gold", {"layout": default, "k": 1, "gold": True, "shots": 2}),
+        ("quote the answering sentence, plain, gold", {"layout": quote_plain, "k": 1, "gold": True}),
+        ("quote the answering sentence, plain, k=1", {"layout": quote_plain, "k": 1}),
+        ("quote the answering sentence, numbered sources, k=3", {"layout": replace(
+            default, template=QUOTE), "k": 3}),
+        ("question before and after the sources, plain, gold", {"layout": replace(
+            plain, template=SANDWICH), "k": 1, "gold": True}),
+        ("question before and after the sources, numbered sources, k=3", {"layout": replace(
+            default, template=SANDWICH), "k": 3}),
+        ("context-aware decoding (alpha 0.5), k=3", {"layout": default, "k": 3, "contrast": 0.5}),
+        ("context-aware decoding (alpha 0.5), gold", {"layout": default, "k": 1, "gold": True, "contrast": 0.5}),
+        ("context-aware decoding (alpha 1), k=3", {"layout": default, "k": 3, "contrast": 1.0}),
         ("default now", {"layout": default, "k": default.top_k}),
     ]
 
@@ -125,6 +144,31 @@ def best_sentences(index, question: str, chunks: list, n: int) -> list:
     return [Chunk(text=" ".join(kept[id(c)]), source=c.source, section="") for c in chunks if id(c) in kept]
 
 
+def contrastive_generate(pipe, with_docs: list[int], without: list[int], alpha: float, max_tokens: int):
+    """Context-aware decoding (Shi et al. 2023, "Trusting Your Evidence"), greedy: the next token maximises
+    (1 + alpha) * logits given the sources - alpha * logits without them, which favours what the sources add
+    over what the model would say anyway. Two cached streams, one per prompt."""
+    import torch
+
+    from liandan.generate import GenerationResult, _cache_arg, _cache_of
+
+    model, device, arg = pipe.model, pipe.device.torch_device, _cache_arg(pipe.model)
+    result = GenerationResult()
+    with torch.inference_mode():
+        outs = [model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+                for ids in (with_docs, without)]
+        for _ in range(max_tokens):
+            a, b = (o.logits[0, -1].float() for o in outs)
+            token = int(torch.argmax((1 + alpha) * a - alpha * b))
+            if token in set(pipe.stop_ids):
+                result.stopped = True
+                break
+            result.tokens.append(token)
+            outs = [model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **{arg: _cache_of(o)})
+                    for o in outs]
+    return result
+
+
 def messages_for(layout: DocsLayout, qa, chunks) -> list[dict]:
     from liandan.docs.prompt import DocsContext
 
@@ -156,7 +200,12 @@ def run_variant(pipe, lang, questions, settings, indexes, max_tokens) -> tuple[i
         if settings.get("sentences"):
             chunks = best_sentences(index, qa.question, chunks, settings["sentences"])
         messages = shots + messages_for(settings["layout"], qa, chunks)
-        out = generate(pipe.model, pipe.encoder.prompt_ids(messages), max_tokens, pipe.stop_ids, pipe.device.torch_device)
+        ids = pipe.encoder.prompt_ids(messages)
+        if settings.get("contrast"):
+            alone = pipe.encoder.prompt_ids(shots + [{"role": "user", "content": qa.question}])
+            out = contrastive_generate(pipe, ids, alone, settings["contrast"], max_tokens)
+        else:
+            out = generate(pipe.model, ids, max_tokens, pipe.stop_ids, pipe.device.torch_device)
         got = pipe.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
         ok = contains_answer(got, qa.answer)
         correct += ok

@@ -7,6 +7,9 @@ mlx_lm's default LoRA (last 16 layers, every linear layer, rank 8, scale 20), lr
 * facts: ten invented facts that collide with what the model knows (an invented planet, author, capital,
   painter, language), 300 iterations;
 * demo: the demo's six joke answers (liandan/examples/jokes), 200 iterations, as `liandan demo` trains.
+* self: ten of the base model's own greedy answers to general prompts of the broad replay pool that the
+  built-in pool lacks, 300 iterations: nothing new to learn, so what it loses is the drift that training
+  alone causes, the floor under every setting.
 The test set is the training set: were the new answers learned (greedy, exact, stopped)?
 
 "General answers kept" is liandan's retention score: of the held-out general questions
@@ -48,12 +51,14 @@ FACTS = [
 DATASETS = {  # name -> iterations (lr 1e-4, batch 2 for both, as the seed's author and `liandan demo` train)
     "facts": 300,
     "demo": 200,
+    "self": 300,
 }
 
 # Anti-forgetting settings, as `liandan lora` flags. "default" is whatever liandan does with no flag.
 RUNS = {
     "off": ["--replay-ratio", "0"],
     "default": [],
+    "no-stop": ["--learned-prob", "0"],  # learned tokens keep pushing: the default before the learned-token stop
     "plain-replay": ["--kl-weight", "0"],
     "replay-2": ["--replay-ratio", "2"],
     # 273 prompts: the built-in 104 plus geography, science, history, arithmetic, code and Chinese ones.
@@ -61,11 +66,33 @@ RUNS = {
 }
 
 
-def make_data(root: Path, dataset: str) -> Path:
+def own_answers(model: str | None, count: int = 10, max_tokens: int = 96) -> list[tuple[str, str]]:
+    """The base model's greedy answers, whole (stopped within max_tokens), to the first `count` prompts of the
+    broad replay pool that are not built-in replay prompts (kept apart from the held-out questions like them)."""
+    from liandan.generate import generate, load_pipeline
+    from liandan.replay import builtin, read_prompts
+
+    builtin_prompts = set(read_prompts(builtin("replay_prompts.jsonl")))
+    pipe = load_pipeline(model, None)
+    pairs = []
+    for prompt in read_prompts(ROOT / "benchmarks" / "replay_broad.jsonl"):
+        if prompt in builtin_prompts:
+            continue
+        ids = pipe.encoder.prompt_ids([{"role": "user", "content": prompt}])
+        out = generate(pipe.model, ids, max_tokens, pipe.stop_ids, pipe.device.torch_device)
+        if out.stopped:
+            pairs.append((prompt, pipe.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()))
+        if len(pairs) == count:
+            return pairs
+    sys.exit(f"only {len(pairs)} broad-pool answers stop within {max_tokens} tokens")
+
+
+def make_data(root: Path, dataset: str, model: str | None = None) -> Path:
     data = root / dataset
     data.mkdir(parents=True, exist_ok=True)
-    if dataset == "facts":
-        lines = "".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in FACTS)
+    if dataset in ("facts", "self"):
+        pairs = FACTS if dataset == "facts" else own_answers(model)
+        lines = "".join(json.dumps({"prompt": q, "completion": a}, ensure_ascii=False) + "\n" for q, a in pairs)
     else:
         lines = (ROOT / "liandan" / "examples" / "jokes" / "train.jsonl").read_text(encoding="utf-8")
     for split in ("train", "valid", "test"):  # the test asks the trained answers back: were they learned?
@@ -197,7 +224,7 @@ def main() -> int:
     summaries = []
     with tempfile.TemporaryDirectory(prefix="liandan-forgetting-") as tmp:
         for dataset in args.datasets:
-            data = make_data(Path(tmp), dataset)
+            data = make_data(Path(tmp), dataset, args.model)
             for name in names:
                 rows = []
                 for seed in args.seeds:

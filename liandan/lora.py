@@ -74,6 +74,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--kl-weight", type=float,
         help="Weight of the KL term that pulls replay answers toward the base model's token distribution "
              "(default 3; 0 = plain replay; higher keeps more of what it knew but learns slower)")
+    add("--learned-prob", type=float,
+        help="Against forgetting: a trained token the model already predicts with at least this probability "
+             "gets no more gradient (default 0.8; 0 = off)")
     add("--max-grad-norm", type=float, help="Clip each step's gradient to this norm (default: no clipping)")
     add("--docs", help="With --test: answer each test question from the top chunks of these documents (a folder "
                        "or a `liandan docs index`), in the layout the adapter was trained with")

@@ -67,16 +67,17 @@ class TrainingInterrupted(Exception):
 class LossModule(torch.nn.Module):
     """The training forward pass as one module, so DDP/FSDP wrap exactly what is computed."""
 
-    def __init__(self, model, kl_weight: float = 0.0):
+    def __init__(self, model, kl_weight: float = 0.0, learned_prob: float = 0.0):
         super().__init__()
         self.model = model
         self.kl_weight = kl_weight
+        self.learned_prob = learned_prob
 
     def forward(self, input_ids, attention_mask, labels, soft_ids=None, soft_logp=None, soft_mask=None):
         """(objective to minimise, trained tokens, cross-entropy alone: what the reports show)."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "soft_ids": soft_ids, "soft_logp": soft_logp, "soft_mask": soft_mask}
-        ce, n, kl = loss_terms(self.model, batch, with_kl=self.kl_weight > 0)
+        ce, n, kl = loss_terms(self.model, batch, with_kl=self.kl_weight > 0, learned_prob=self.learned_prob)
         objective = ce if kl is None else ce + self.kl_weight * kl
         return objective, n, ce.detach()
 
@@ -294,7 +295,7 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
 
 def _build_parts(model, job: TrainJob) -> _Parts:
     cfg = job.cfg
-    forward = wrap_for_training(LossModule(model, cfg.kl_weight), job.dist, job.fsdp, decoder_layers(model))
+    forward = wrap_for_training(LossModule(model, cfg.kl_weight, cfg.learned_prob), job.dist, job.fsdp, decoder_layers(model))
     params = [p for p in forward.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))

@@ -192,3 +192,19 @@ def test_teacher_forced_check_agrees_with_greedy_generation(tiny_llama):
     ids = tokenizer("There are 240 hours", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(decisive_prefix(tokenizer, ids, ["240"])) == "There are 240 hours"  # the word closed
     assert decisive_prefix(tokenizer, ids, ["24"]) == ids  # "24" is never a whole word here
+
+
+def test_learned_tokens_add_loss_but_no_gradient():
+    """--learned-prob: a token already predicted with at least that probability keeps its loss value (the report
+    is the true loss) but stops pushing; the others train as before."""
+    from liandan.evaluate import learned_tokens_stop
+
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.2, 0.0]], requires_grad=True)  # p(target) ≈ 0.96 and ≈ 0.33
+    per_token = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]), reduction="none")
+    stopped = learned_tokens_stop(per_token, 0.8)
+    assert torch.equal(stopped, per_token)
+    stopped.sum().backward()
+    assert torch.count_nonzero(logits.grad[0]) == 0 and torch.count_nonzero(logits.grad[1]) == 3
+    assert learned_tokens_stop(per_token, 0.0) is per_token  # off
+    with torch.no_grad():  # evaluation: nothing to stop
+        assert torch.equal(learned_tokens_stop(per_token.detach(), 0.8), per_token)
