@@ -101,9 +101,9 @@ def test_non_finite_loss_stops_or_is_skipped(tmp_path, tiny_llama, monkeypatch):
     real = train_module.loss_terms
     calls = {"n": 0}
 
-    def poisoned(model, batch, with_kl=False):
+    def poisoned(model, batch, **options):
         calls["n"] += 1
-        loss, n, kl = real(model, batch, with_kl)
+        loss, n, kl = real(model, batch, **options)
         return (loss * float("nan") if calls["n"] == 4 else loss), n, kl
 
     monkeypatch.setattr(train_module, "loss_terms", poisoned)
