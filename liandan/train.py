@@ -295,7 +295,8 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
 
 def _build_parts(model, job: TrainJob) -> _Parts:
     cfg = job.cfg
-    forward = wrap_for_training(LossModule(model, cfg.kl_weight, cfg.learned_prob), job.dist, job.fsdp, decoder_layers(model))
+    loss = LossModule(model, cfg.kl_weight, cfg.learned_prob)
+    forward = wrap_for_training(loss, job.dist, job.fsdp, decoder_layers(model))
     params = [p for p in forward.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
