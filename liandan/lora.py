@@ -65,6 +65,19 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--skip-nonfinite", action="store_true", default=None,
         help="Skip batches whose loss or gradient is not finite (default: stop with a message)")
     add("--trust-remote-code", action="store_true", default=None, help="Allow model code from the model directory")
+    add_forgetting_options(add)
+    add("--max-grad-norm", type=float, help="Clip each step's gradient to this norm (default: no clipping)")
+    add("--docs", help="With --test: answer each test question from the top chunks of these documents (a folder "
+                       "or a `liandan docs index`), in the layout the adapter was trained with")
+    add("--top-k", type=int, help=TOP_K_HELP)
+    add("--batch-order", choices=["random", "length"],
+        help="random (default): batches are random draws (on CPU, very different lengths run as separate "
+             "sub-batches, so little compute goes to padding); length: mlx_lm's batches of similar lengths")
+    return parser
+
+
+def add_forgetting_options(add) -> None:
+    """The options of the guard against forgetting (liandan.replay, evaluate.learned_tokens_stop)."""
     add("--replay-ratio", type=float,
         help="Against forgetting: base-model answers to general prompts mixed in per training example "
              "(default 1 for completions/chat/tools data; 0 turns it off)")
@@ -77,14 +90,6 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--learned-prob", type=float,
         help="Against forgetting: a trained token the model already predicts with at least this probability "
              "gets no more gradient (default 0.8; 0 = off)")
-    add("--max-grad-norm", type=float, help="Clip each step's gradient to this norm (default: no clipping)")
-    add("--docs", help="With --test: answer each test question from the top chunks of these documents (a folder "
-                       "or a `liandan docs index`), in the layout the adapter was trained with")
-    add("--top-k", type=int, help=TOP_K_HELP)
-    add("--batch-order", choices=["random", "length"],
-        help="random (default): batches are random draws (on CPU, very different lengths run as separate "
-             "sub-batches, so little compute goes to padding); length: mlx_lm's batches of similar lengths")
-    return parser
 
 
 def main(args: argparse.Namespace) -> int:
