@@ -153,14 +153,14 @@ def contrastive_generate(pipe, with_docs: list[int], without: list[int], alpha: 
     from liandan.generate import GenerationResult, _cache_arg, _cache_of
 
     model, device, arg = pipe.model, pipe.device.torch_device, _cache_arg(pipe.model)
-    result = GenerationResult()
+    stops, result = set(pipe.stop_ids), GenerationResult()
     with torch.inference_mode():
         outs = [model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
                 for ids in (with_docs, without)]
         for _ in range(max_tokens):
             a, b = (o.logits[0, -1].float() for o in outs)
             token = int(torch.argmax((1 + alpha) * a - alpha * b))
-            if token in set(pipe.stop_ids):
+            if token in stops:
                 result.stopped = True
                 break
             result.tokens.append(token)

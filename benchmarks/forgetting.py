@@ -70,7 +70,7 @@ def own_answers(model: str | None, count: int = 10, max_tokens: int = 96) -> lis
     """The base model's greedy answers, whole (stopped within max_tokens), to the first `count` prompts of the
     broad replay pool that are not built-in replay prompts (kept apart from the held-out questions like them)."""
     from liandan.generate import generate, load_pipeline
-    from liandan.replay import builtin, read_prompts
+    from liandan.replay import builtin, read_prompts, user_prompt_ids
 
     builtin_prompts = set(read_prompts(builtin("replay_prompts.jsonl")))
     pipe = load_pipeline(model, None)
@@ -78,8 +78,7 @@ def own_answers(model: str | None, count: int = 10, max_tokens: int = 96) -> lis
     for prompt in read_prompts(ROOT / "benchmarks" / "replay_broad.jsonl"):
         if prompt in builtin_prompts:
             continue
-        ids = pipe.encoder.prompt_ids([{"role": "user", "content": prompt}])
-        out = generate(pipe.model, ids, max_tokens, pipe.stop_ids, pipe.device.torch_device)
+        out = generate(pipe.model, user_prompt_ids(pipe.encoder, prompt), max_tokens, pipe.stop_ids, pipe.device.torch_device)
         if out.stopped:
             pairs.append((prompt, pipe.tokenizer.decode(out.tokens, skip_special_tokens=True).strip()))
         if len(pairs) == count:
