@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python benchmarks/docs_layouts.py [--langs en zh] [--only [LANG:]NAME ...] [--verbose]
     .venv/bin/python benchmarks/docs_layouts.py --retrieval      # the retrieval hits alone, no model
+    .venv/bin/python benchmarks/docs_layouts.py --sentence-choice   # which sentence BM25 / the model would pick
 
 On the built-in handbooks (liandan/examples/handbook/{en,zh}/questions.jsonl), greedy, an answer counts
 when it contains the expected one (liandan.docs.qa.contains_answer, as `liandan eval`). Each row changes
@@ -243,6 +244,57 @@ def retrieval_table(langs: list[str]) -> None:
             print(f"| {lang} | {words or 'default'} | {len(index.chunks)} | " + " | ".join(f"{h}/{n}" for h in hits) + " |")
 
 
+def continuation_logprob(pipe, prompt: list[int], continuation: list[int]) -> float:
+    """log P(continuation | prompt) under the model, summed over the continuation's tokens."""
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + continuation], device=pipe.device.torch_device)
+        logp = pipe.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        return float(logp.gather(-1, torch.tensor(continuation, device=ids.device)[:, None]).sum())
+
+
+def sentence_choice_table(pipe, langs: list[str]) -> None:
+    """Does the model know which sentence answers, even where it cannot write the answer? Among the sentences of
+    the top 3 chunks, the one picked by BM25, by the model's query likelihood (how likely the question is after
+    the sentence), and by its answer likelihood (how likely the sentence is as the reply in the QUOTE layout,
+    per token); a pick counts when it contains the answer. An extractive reader's ceiling, not an answer mode."""
+    import bm25s
+
+    from liandan.data.docs import _SENTENCE_END  # the chunker's own sentence ends
+    from liandan.docs.prompt import body_of
+    from liandan.docs.qa import contains_answer, read_questions
+
+    print("| lang | some sentence holds the answer | BM25 | query likelihood | answer likelihood | s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    quote = replace(DocsLayout(), template=QUOTE)
+    encode = lambda text: pipe.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    for lang in langs:
+        start, index = time.perf_counter(), load_index(lang, None)
+        questions = read_questions(HANDBOOK / lang / "questions.jsonl")
+        counts = [0, 0, 0, 0]
+        for qa in questions:
+            chunks = [h.chunk for h in index.search(qa.question, 3)]
+            sentences = [s.strip() for c in chunks for s in _SENTENCE_END.split(body_of(c)) if s.strip()]
+            scorer = bm25s.BM25()
+            scorer.index([index.analyzer.terms(s) or ["_"] for s in sentences], show_progress=False)
+            terms = [t for t in index.analyzer.terms(qa.question) if t in scorer.vocab_dict]
+            asked = pipe.encoder.prompt_ids(messages_for(quote, qa, chunks))
+            scores = [
+                list(scorer.get_scores(terms)) if terms else [0.0] * len(sentences),
+                [continuation_logprob(pipe, pipe.encoder.prompt_ids([{"role": "user", "content":
+                 f"{s}\n\nWrite one question that the text above answers."}]), encode(qa.question)) for s in sentences],
+                [continuation_logprob(pipe, asked, encode(s)) / len(encode(s)) for s in sentences],
+            ]
+            holds = [contains_answer(s, qa.answer) for s in sentences]
+            counts[0] += any(holds)
+            for i, score in enumerate(scores, 1):
+                counts[i] += holds[max(range(len(sentences)), key=score.__getitem__)]
+        n = len(questions)
+        print(f"| {lang} | " + " | ".join(f"{c}/{n}" for c in counts) + f" | {time.perf_counter() - start:.0f} |",
+              flush=True)
+
+
 def main() -> None:
     from liandan.docs.qa import read_questions
     from liandan.generate import load_pipeline
@@ -254,10 +306,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--verbose", action="store_true", help="Print every answer")
     parser.add_argument("--retrieval", action="store_true", help="Only the retrieval hits (no model, seconds)")
+    parser.add_argument("--sentence-choice", action="store_true",
+                        help="Only which sentence of the top 3 chunks BM25 and the model pick (no generation)")
     args = parser.parse_args()
     if args.retrieval:
         return retrieval_table(args.langs)
     pipe = load_pipeline(None, None)
+    if args.sentence_choice:
+        return sentence_choice_table(pipe, args.langs)
     questions = {lang: read_questions(HANDBOOK / lang / "questions.jsonl") for lang in args.langs}
     indexes: dict = {lang: {} for lang in args.langs}
     print("| lang | layout | correct | section in top k | stopped | s |\n| --- | --- | ---: | ---: | ---: | ---: |")
