@@ -59,6 +59,7 @@ RUNS = {
     "off": ["--replay-ratio", "0"],
     "default": [],
     "no-stop": ["--learned-prob", "0"],  # learned tokens keep pushing: the default before the learned-token stop
+    "protect": ["--protect-directions", "192"],  # LoRA inputs kept off the base model's directions (null_space)
     "plain-replay": ["--kl-weight", "0"],
     "replay-2": ["--replay-ratio", "2"],
     # 273 prompts: the built-in 104 plus geography, science, history, arithmetic, code and Chinese ones.

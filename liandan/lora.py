@@ -90,6 +90,9 @@ def add_forgetting_options(add) -> None:
     add("--learned-prob", type=float,
         help="Against forgetting: a trained token the model already predicts with at least this probability "
              "gets no more gradient (default 0.8; 0 = off)")
+    add("--protect-directions", type=int,
+        help="Against forgetting: each LoRA input is kept off the K directions the base model uses most on the replay "
+             "answers (default 0 = off; 192 keeps more on the embedded model but needs longer training)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from liandan import null_space
 from liandan.adapters import decoder_layers, save_adapter_files
 from liandan.atomic import atomic_dir, atomic_path
 from liandan.config import TrainConfig, lr_multiplier
@@ -32,6 +33,7 @@ from liandan.device import peak_memory_gb
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, loss_terms
+from liandan.null_space import NullSpace
 from liandan.replay import nearest_replay, replay_indices
 
 METRICS = "metrics.jsonl"
@@ -197,6 +199,7 @@ class _Parts:
     batches: Iterator  # (epoch, batch indices) from data.batching.iterate_batches
     items: list  # batch index -> Encoded: the training set, then the replay examples
     pass_cost: int  # padded tokens that one more forward + backward pass costs (data.batching.pass_cost_tokens)
+    null_space: NullSpace | None = None  # re-applied after every optimizer step (liandan.null_space)
 
 
 class Reporter:
@@ -259,7 +262,7 @@ class _StopRequest:
 def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> TrainResult:
     """Train for cfg.iters optimizer steps, validating, reporting and saving checkpoints on the way."""
     cfg, dist = job.cfg, job.dist
-    parts = _build_parts(model, job)
+    parts = _build_parts(model, job, log)
     state = _restore(job, model, parts)
     reporter = reporter or Reporter(job, log, state.iteration + 1)
     log(f"Starting training..., iters: {cfg.iters}" + (f" (resuming after iteration {state.iteration})" if job.resume else ""))
@@ -293,7 +296,7 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
                        peak_memory_gb(job.device), c.examples, c.replay_examples, c.replay_tokens)
 
 
-def _build_parts(model, job: TrainJob) -> _Parts:
+def _build_parts(model, job: TrainJob, log=print) -> _Parts:
     cfg = job.cfg
     loss = LossModule(model, cfg.kl_weight, cfg.learned_prob)
     forward = wrap_for_training(loss, job.dist, job.fsdp, decoder_layers(model))
@@ -306,7 +309,18 @@ def _build_parts(model, job: TrainJob) -> _Parts:
                               pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng, near,
                                                                      cfg.replay_focus))
     return _Parts(forward, params, optimizer, scheduler, batches, job.train_set.items + replay,
-                  pass_cost_tokens(job.device))
+                  pass_cost_tokens(job.device), _null_space(model, job, log))
+
+
+def _null_space(model, job: TrainJob, log) -> NullSpace | None:
+    """The LoRA inputs' protected directions (--protect-directions), applied to a fresh adapter."""
+    if job.fsdp:  # FSDP shards full fine-tuning's weights: there is no LoRA input to project
+        return None
+    space = null_space.build(model, job.replay, job.cfg.protect_directions, job.device,
+                             log if job.dist.is_main else lambda *_: None)
+    if space and not job.resume:  # a checkpoint's weights were projected when saved
+        space.apply()
+    return space
 
 
 def _restore(job: TrainJob, model, parts: _Parts) -> TrainState:
@@ -341,6 +355,8 @@ def _step(parts: _Parts, job: TrainJob, state: TrainState, it: int, reporter) ->
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.params, cfg.max_grad_norm or float("inf")))
     if math.isfinite(loss) and math.isfinite(grad_norm):
         parts.optimizer.step()
+        if parts.null_space:
+            parts.null_space.apply()
         parts.scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)
         state.window.loss += loss

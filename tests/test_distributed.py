@@ -65,8 +65,10 @@ def test_two_processes_match_one(data, tiny_llama_calm, two_process_run, optimiz
     two, double_stdout = two_process_run(optimizer, lr)
     a, b = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
     if optimizer == "sgd":  # updates linear in the gradient: the adapters themselves agree
+        # Up to float rounding: the all-reduce sums in another order, which some CPUs' kernels turn into a
+        # relative 3e-5 after 6 steps (measured); a wrong scaling of the gradient would differ by order 1.
         for name in a:
-            assert (a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12) <= 1e-5, name
+            assert (a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12) <= 1e-4, name
     la, lb = losses(one), losses(two)
     assert len(la) == len(lb) == 6
     assert all(abs(x - y) / abs(x) <= 1e-4 for x, y in zip(la, lb)), (la, lb)

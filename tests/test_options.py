@@ -37,6 +37,7 @@ INVALID = [
     ("replay_ratio: 11", ["--replay-ratio", "11"], "replay_ratio"),
     ("kl_weight: -1", ["--kl-weight", "-1"], "kl_weight"),
     ("learned_prob: 1", ["--learned-prob", "1"], "learned_prob"),
+    ("protect_directions: -1", ["--protect-directions", "-1"], "protect_directions"),
     ("replay_focus: 1.5", ["--replay-focus", "1.5"], "replay_focus"),
     ("max_grad_norm: 0", ["--max-grad-norm", "0"], "max_grad_norm"),
     ("fsdp: true", ["--fsdp"], "fsdp"),  # FSDP shards full fine-tuning only; the default is lora

@@ -188,7 +188,8 @@ def test_teacher_forced_check_agrees_with_greedy_generation(tiny_llama):
     # BaseKnowledge.margins, what retention() and the benchmark use: the right answers only, by question index.
     base = BaseKnowledge([Question(q, ["?"]) for q in texts], [True, False, True], [answers[0].tokens, [], wrong[2]])
     by_index = base.margins(model, encoder, tokenizer.pad_token_id, "cpu")
-    assert sorted(by_index) == [0, 2] and by_index[0] == pytest.approx(full[0]) and by_index[2] < 0
+    # A padded batch and a lone sequence round differently in float32 (5e-6 apart on some CPUs, measured).
+    assert sorted(by_index) == [0, 2] and by_index[0] == pytest.approx(full[0], abs=1e-4) and by_index[2] < 0
     ids = tokenizer("There are 240 hours", add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(decisive_prefix(tokenizer, ids, ["240"])) == "There are 240 hours"  # the word closed
     assert decisive_prefix(tokenizer, ids, ["24"]) == ids  # "24" is never a whole word here
