@@ -33,7 +33,6 @@ from liandan.device import peak_memory_gb
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, loss_terms
-from liandan.null_space import NullSpace
 from liandan.replay import nearest_replay, replay_indices
 
 METRICS = "metrics.jsonl"
@@ -199,7 +198,7 @@ class _Parts:
     batches: Iterator  # (epoch, batch indices) from data.batching.iterate_batches
     items: list  # batch index -> Encoded: the training set, then the replay examples
     pass_cost: int  # padded tokens that one more forward + backward pass costs (data.batching.pass_cost_tokens)
-    null_space: NullSpace | None = None  # re-applied after every optimizer step (liandan.null_space)
+    null_space: null_space.NullSpace | None = None  # re-applied after every optimizer step (--protect-directions)
 
 
 class Reporter:
@@ -312,7 +311,7 @@ def _build_parts(model, job: TrainJob, log=print) -> _Parts:
                   pass_cost_tokens(job.device), _null_space(model, job, log))
 
 
-def _null_space(model, job: TrainJob, log) -> NullSpace | None:
+def _null_space(model, job: TrainJob, log) -> null_space.NullSpace | None:
     """The LoRA inputs' protected directions (--protect-directions), applied to a fresh adapter."""
     if job.fsdp:  # FSDP shards full fine-tuning's weights: there is no LoRA input to project
         return None
