@@ -264,6 +264,7 @@ def sentence_choice_table(pipe, langs: list[str]) -> None:
     from liandan.data.docs import _SENTENCE_END  # the chunker's own sentence ends
     from liandan.docs.prompt import body_of
     from liandan.docs.qa import contains_answer, read_questions
+    from liandan.replay import user_prompt_ids
 
     print("| lang | some sentence holds the answer | BM25 | query likelihood | answer likelihood | s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -279,12 +280,13 @@ def sentence_choice_table(pipe, langs: list[str]) -> None:
             scorer = bm25s.BM25()
             scorer.index([index.analyzer.terms(s) or ["_"] for s in sentences], show_progress=False)
             terms = [t for t in index.analyzer.terms(qa.question) if t in scorer.vocab_dict]
-            asked = pipe.encoder.prompt_ids(messages_for(quote, qa, chunks))
+            asked, question = pipe.encoder.prompt_ids(messages_for(quote, qa, chunks)), encode(qa.question)
+            replies = [encode(s) for s in sentences]
             scores = [
                 list(scorer.get_scores(terms)) if terms else [0.0] * len(sentences),
-                [continuation_logprob(pipe, pipe.encoder.prompt_ids([{"role": "user", "content":
-                 f"{s}\n\nWrite one question that the text above answers."}]), encode(qa.question)) for s in sentences],
-                [continuation_logprob(pipe, asked, encode(s)) / len(encode(s)) for s in sentences],
+                [continuation_logprob(pipe, user_prompt_ids(pipe.encoder, f"{s}\n\nWrite one question that the text "
+                                                            "above answers."), question) for s in sentences],
+                [continuation_logprob(pipe, asked, reply) / len(reply) for reply in replies],
             ]
             holds = [contains_answer(s, qa.answer) for s in sentences]
             counts[0] += any(holds)

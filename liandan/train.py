@@ -312,11 +312,9 @@ def _build_parts(model, job: TrainJob, log=print) -> _Parts:
 
 
 def _null_space(model, job: TrainJob, log) -> null_space.NullSpace | None:
-    """The LoRA inputs' protected directions (--protect-directions), applied to a fresh adapter."""
-    if job.fsdp:  # FSDP shards full fine-tuning's weights: there is no LoRA input to project
-        return None
-    space = null_space.build(model, job.replay, job.cfg.protect_directions, job.device,
-                             log if job.dist.is_main else lambda *_: None)
+    """The LoRA inputs' protected directions (--protect-directions), applied to a fresh adapter. None without
+    LoRA layers (full fine-tuning, the only kind FSDP shards)."""
+    space = null_space.build(model, job.replay, job.cfg.protect_directions, job.device, log)
     if space and not job.resume:  # a checkpoint's weights were projected when saved
         space.apply()
     return space

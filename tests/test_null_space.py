@@ -67,7 +67,7 @@ def test_the_adapter_changes_nothing_on_text_it_is_kept_off(tiny_llama):
 def test_layers_fed_the_same_input_share_directions_computed_from_the_base_model(tiny_llama):
     """q/k/v read one tensor, as do gate/up: one sum and one basis each. A resumed run has trained LoRA weights when
     the directions are computed: they must be the base model's all the same."""
-    from liandan.null_space import build
+    from liandan.null_space import build, lora_inputs
 
     model = _lora_model(tiny_llama)
     replay = _examples(8, 40)
@@ -77,7 +77,8 @@ def test_layers_fed_the_same_input_share_directions_computed_from_the_base_model
     projector = lambda basis: basis @ basis.T  # noqa: E731 (eigenvectors' signs are arbitrary; the span is not)
     for (_, a), (_, b) in zip(fresh.pairs, resumed.pairs):
         assert torch.allclose(projector(a), projector(b), atol=1e-4)
-    names = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and isinstance(m.lora_A, torch.nn.ModuleDict)]
+    name_of = {id(m): n for n, m in model.named_modules()}
+    names = [name_of[id(m)] for m in lora_inputs(model)]  # the order of fresh.pairs
     by_name = dict(zip(names, (b for _, b in fresh.pairs)))
     first = names[0].rsplit(".", 2)[0]  # model...layers.N
     assert by_name[f"{first}.self_attn.q_proj"] is by_name[f"{first}.self_attn.v_proj"]
