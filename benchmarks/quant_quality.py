@@ -131,7 +131,7 @@ def measure(args, work: Path) -> None:
             export_gguf(source, path, outtype, rendering.chat_template, rendering.stop_tokens, log=lambda *_: None)
         ppl, tokens = gguf_perplexity(path, items)
         reference = reference or (ppl if outtype == "f32" else None)
-        answers = ask(path, questions, encoder, args.max_tokens)
+        answers = ask(path, questions, encoder, args.max_tokens) if questions else []
         lost = [f"{question} → {text.strip()!r}{'' if stopped else ' (no stop)'}"
                 for question, expected, text, stopped in answers if not (stopped and text.strip() == expected.strip())]
         exact = len(answers) - len(lost)
