@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from liandan.demo import PROTECT_DIRECTIONS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 FACTS = [
@@ -59,7 +61,8 @@ RUNS = {
     "off": ["--replay-ratio", "0"],
     "default": [],
     "no-stop": ["--learned-prob", "0"],  # learned tokens keep pushing: the default before the learned-token stop
-    "protect": ["--protect-directions", "192"],  # LoRA inputs kept off the base model's directions (null_space)
+    # LoRA inputs kept off the base model's directions (null_space), as many as `liandan demo` keeps them off
+    "protect": ["--protect-directions", str(PROTECT_DIRECTIONS)],
     "plain-replay": ["--kl-weight", "0"],
     "replay-2": ["--replay-ratio", "2"],
     # 273 prompts: the built-in 104 plus geography, science, history, arithmetic, code and Chinese ones.
@@ -170,17 +173,25 @@ def print_table(summaries: list[dict], iters: dict) -> None:
             print(f"{s['dataset']} / {s['run']} forgot: " + "; ".join(s["forgotten"]))
 
 
-def base_margins(model: str | None) -> dict[str, float]:
-    """Per held-out question the base model answers right: how sure it was (replay.BaseKnowledge.margins over
-    the answer's decisive tokens, the positions the retention check tests). Near 0 the right answer was nearly
-    a coin flip."""
+def base_knowledge(model: str | None):
+    """(the base model's pipeline, replay.BaseKnowledge): which held-out questions the PyTorch base model answers
+    right, as --test's retention score counts them (cached after the first run)."""
     from liandan.generate import load_pipeline
     from liandan.replay import base_retention
 
     pipe = load_pipeline(model, None)
-    device, pad = pipe.device.torch_device, pipe.tokenizer.pad_token_id  # models.load_tokenizer always sets one
-    base = base_retention(pipe.model, pipe.tokenizer, pipe.encoder, pipe.model_dir, pipe.stop_ids, pad, device)
-    return {base.questions[i].question: m for i, m in base.margins(pipe.model, pipe.encoder, pad, device).items()}
+    # models.load_tokenizer always sets a pad token
+    return pipe, base_retention(pipe.model, pipe.tokenizer, pipe.encoder, pipe.model_dir, pipe.stop_ids,
+                                pipe.tokenizer.pad_token_id, pipe.device.torch_device)
+
+
+def base_margins(model: str | None) -> dict[str, float]:
+    """Per held-out question the base model answers right: how sure it was (replay.BaseKnowledge.margins over
+    the answer's decisive tokens, the positions the retention check tests). Near 0 the right answer was nearly
+    a coin flip."""
+    pipe, base = base_knowledge(model)
+    margins = base.margins(pipe.model, pipe.encoder, pipe.tokenizer.pad_token_id, pipe.device.torch_device)
+    return {base.questions[i].question: m for i, m in margins.items()}
 
 
 def print_margins(summaries: list[dict], margins: dict[str, float]) -> None:

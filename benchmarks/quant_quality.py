@@ -26,15 +26,16 @@ TYPES = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "q3_k_m", "q2
 
 
 def ask(gguf_path: Path, questions: list, encoder, max_tokens: int) -> list[tuple[str, str, str, bool]]:
-    """(question, expected, answer, stopped) for each question, greedy in llama.cpp."""
+    """(question, expected, answer, stopped) for each (question, expected) pair, greedy in llama.cpp."""
     import llama_cpp
+
+    from liandan.replay import user_prompt_ids
 
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False)
     out = []
     for question, expected in questions:
-        ids = encoder.prompt_ids([{"role": "user", "content": question}])
-        reply = llm.create_completion(ids, max_tokens=max_tokens, temperature=0.0)["choices"][0]
-        out.append((question, expected, reply["text"], reply["finish_reason"] == "stop"))
+        reply = llm.create_completion(user_prompt_ids(encoder, question), max_tokens=max_tokens, temperature=0.0)
+        out.append((question, expected, reply["choices"][0]["text"], reply["choices"][0]["finish_reason"] == "stop"))
     llm.close()
     return out
 
@@ -42,33 +43,12 @@ def ask(gguf_path: Path, questions: list, encoder, max_tokens: int) -> list[tupl
 def general_answers(gguf_path: Path, base, encoder) -> tuple[int, list[str]]:
     """(kept, lost as 'question → reply'): of the questions `base` (replay.BaseKnowledge) answers right, those this
     GGUF also answers right, greedy in llama.cpp with the retention score's budget."""
-    import llama_cpp
+    from liandan.replay import RETENTION_MAX_TOKENS, is_correct
 
-    from liandan.replay import RETENTION_MAX_TOKENS, is_correct, user_prompt_ids
-
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=256, verbose=False)
-    kept, lost = 0, []
-    for question, right in zip(base.questions, base.correct):
-        if not right:
-            continue
-        reply = llm.create_completion(user_prompt_ids(encoder, question.question), max_tokens=RETENTION_MAX_TOKENS,
-                                      temperature=0.0)["choices"][0]["text"]
-        if is_correct(reply, question.answers):
-            kept += 1
-        else:
-            lost.append(f"{question.question} → {reply.strip()[:60]!r}")
-    llm.close()
-    return kept, lost
-
-
-def base_knowledge(model: str | None):
-    """Which held-out questions the PyTorch fp32 base model answers right (cached after the first run)."""
-    from liandan.generate import load_pipeline
-    from liandan.replay import base_retention
-
-    pipe = load_pipeline(model, None)
-    return base_retention(pipe.model, pipe.tokenizer, pipe.encoder, pipe.model_dir, pipe.stop_ids,
-                          pipe.tokenizer.pad_token_id, pipe.device.torch_device)
+    known = [q for q, right in zip(base.questions, base.correct) if right]
+    replies = ask(gguf_path, [(q.question, q.answers) for q in known], encoder, RETENTION_MAX_TOKENS)
+    lost = [f"{question} → {text.strip()[:60]!r}" for question, answers, text, _ in replies if not is_correct(text, answers)]
+    return len(known) - len(lost), lost
 
 
 def main() -> None:
@@ -116,7 +96,10 @@ def measure(args, work: Path) -> None:
     # The demo's answers test what the adapter learned: nothing to test on the base model.
     questions = [] if args.base else [(e.messages[0]["content"], e.messages[1]["content"])
                                       for e in read_jsonl(example_dir() / QUESTIONS_FILE).examples]
-    base = base_knowledge(args.model if args.base else record.get("base_model")) if args.retention else None
+    # The retention benchmark's own loading of the base model's right answers (benchmarks/ is on sys.path).
+    from forgetting import base_knowledge
+
+    base = base_knowledge(args.model if args.base else record.get("base_model"))[1] if args.retention else None
 
     # llama.cpp's types are made from one f16 file, as `export gguf` does for each (it writes the f16 first).
     f16 = export_gguf(source, work / "f16.gguf", "f16", rendering.chat_template, rendering.stop_tokens, log=lambda *_: None)
