@@ -154,7 +154,7 @@ def indexing_speed(work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--langs", nargs="+", default=["en", "zh"])
+    parser.add_argument("--langs", nargs="*", default=["en", "zh"], help="None: the indexing speed alone")
     parser.add_argument("--rows", nargs="+", default=["base", "doc", "ra", "doc+ra", "synth"])
     parser.add_argument("--iters", type=int, default=40, help="Training iterations per fine-tuning row (batch 2)")
     parser.add_argument("--skip-speed", action="store_true")

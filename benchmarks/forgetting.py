@@ -1,6 +1,6 @@
 """Learning without forgetting: new facts learned vs. general knowledge kept, per anti-forgetting setting.
 
-    .venv/bin/python benchmarks/forgetting.py [--datasets facts demo] [--seeds 0 1 2] [--runs off default ...] [--margins]
+    .venv/bin/python benchmarks/forgetting.py [--datasets facts demo] [--seeds 0 1 2] [--runs off default ...] [--shrink 0.85 0.7] [--margins]
 
 Each run is one `liandan lora --train --test` process on the embedded model (SmolLM2-135M-Instruct) with
 mlx_lm's default LoRA (last 16 layers, every linear layer, rank 8, scale 20), lr 1e-4, batch 2:
@@ -11,6 +11,9 @@ mlx_lm's default LoRA (last 16 layers, every linear layer, rank 8, scale 20), lr
   built-in pool lacks, 300 iterations: nothing new to learn, so what it loses is the drift that training
   alone causes, the floor under every setting.
 The test set is the training set: were the new answers learned (greedy, exact, stopped)?
+
+`--shrink 0.85 0.7` also tests each trained adapter with its LoRA B matrices scaled down: a row per factor
+("default x0.85"), the same training runs moved back toward the base afterwards.
 
 "General answers kept" is liandan's retention score: of the held-out general questions
 (liandan/knowledge/retention.jsonl, disjoint from the replay prompts and the base model's replay answers)
@@ -103,33 +106,59 @@ def make_data(root: Path, dataset: str, model: str | None = None) -> Path:
     return data
 
 
-def run(data: Path, out: Path, iters: int, seed: int, flags: list[str], model: str | None) -> dict:
-    cmd = [sys.executable, "-m", "liandan", "lora", "--train", "--test", "--data", str(data), "--adapter-path", str(out),
-           "--learning-rate", "1e-4", "--batch-size", "2", "--iters", str(iters), "--val-batches", "-1",
-           "--steps-per-eval", str(iters), "--steps-per-report", "50", "--save-every", str(iters), "--test-batches", "-1",
-           "--seed", str(seed), "--overwrite", *flags]
-    if model:
-        cmd += ["--model", model]
+def lora_cmd(data: Path, adapter: Path, seed: int, model: str | None, *flags: str) -> list[str]:
+    cmd = [sys.executable, "-m", "liandan", "lora", "--test", "--data", str(data), "--adapter-path", str(adapter),
+           "--test-batches", "-1", "--seed", str(seed), *flags]
+    return cmd + ["--model", model] if model else cmd
+
+
+def call(cmd: list[str]) -> tuple[str, float]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
-    wall = time.perf_counter() - start
-    shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    text = proc.stdout
+    return proc.stdout, time.perf_counter() - start
 
-    def grab(pattern, cast=float, default=None):
-        m = re.search(pattern, text)
-        return cast(m.group(1)) if m else default
 
+def run(data: Path, out: Path, iters: int, seed: int, flags: list[str], model: str | None,
+        shrinks: tuple[float, ...] = ()) -> dict:
+    text, wall = call(lora_cmd(data, out, seed, model, "--train", "--learning-rate", "1e-4", "--batch-size", "2",
+                               "--iters", str(iters), "--val-batches", "-1", "--steps-per-eval", str(iters),
+                               "--steps-per-report", "50", "--save-every", str(iters), "--overwrite", *flags))
+    row = {"seed": seed, **parse_test(text), "wall_s": wall,
+           "train_s": grab(text, r"Trained \d+ iterations in ([\d.]+)s"),
+           "replay_gen_s": grab(text, r"generated in ([\d.]+)s, cached", default=0.0)}
+    row["shrunk"] = {factor: parse_test(call(lora_cmd(data, shrink_adapter(out, factor), seed, model))[0])
+                     for factor in shrinks}
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def shrink_adapter(adapter: Path, factor: float) -> Path:
+    """A copy of the adapter with every LoRA B matrix times `factor`: the tuned weights moved back toward the
+    base in a straight line (WiSE-FT's interpolation), the same as a smaller LoRA scale after training."""
+    from safetensors.torch import load_file, save_file
+
+    copy = adapter.with_name(f"{adapter.name}-x{factor}")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(adapter, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    for path in copy.glob("*.safetensors"):
+        save_file({k: v * factor if "lora_B" in k else v for k, v in load_file(path).items()}, path)
+    return copy
+
+
+def grab(text: str, pattern: str, cast=float, default=None):
+    m = re.search(pattern, text)
+    return cast(m.group(1)) if m else default
+
+
+def parse_test(text: str) -> dict:
+    """What `lora --test` printed: the trained answers learned, the general answers kept, and the ones lost."""
     exact = re.search(r"Exact answers: (\d+)/(\d+)", text)
     kept = re.search(r"General knowledge kept: (\d+)/(\d+)", text)
     return {
-        "seed": seed, "learned": int(exact.group(1)), "learned_total": int(exact.group(2)),
+        "learned": int(exact.group(1)), "learned_total": int(exact.group(2)),
         "kept": int(kept.group(1)), "known": int(kept.group(2)),
-        "train_s": grab(r"Trained \d+ iterations in ([\d.]+)s"),
-        "replay_gen_s": grab(r"generated in ([\d.]+)s, cached", default=0.0),
-        "wall_s": wall,
         "forgotten": re.findall(r"✗ forgotten: (.*)", text),
         "forgotten_questions": [q for _, q in re.findall(r"✗ forgotten: (['\"])(.*?)\1 → ", text)],
     }
@@ -165,7 +194,9 @@ def print_table(summaries: list[dict], iters: dict) -> None:
         learned = ", ".join(f"{n}/{s['learned_total']}" for n in s["learned"])
         low, high = s["ci"]
         share = f"{s['kept']}/{s['known']} ({100 * s['kept'] / max(s['known'], 1):.1f}%)"
-        flags = " ".join(RUNS.get(s["run"], [])) or "(none)"
+        run, _, factor = s["run"].partition(" x")
+        flags = " ".join(RUNS.get(run, [])) or "(none)"
+        flags += f"`, then LoRA B × {factor}`" if factor else ""
         print(f"| {s['dataset']} ({iters[s['dataset']]} it) | {s['run']} | `{flags}` | {learned} | {share} | "
               f"{100 * low:.1f}–{100 * high:.1f}% | {', '.join(map(str, s['kept_per_seed']))} | {s['train_s']:.0f}s | {times} |")
     for s in summaries:
@@ -219,6 +250,9 @@ def main() -> int:
                              "(e.g. 'r4=--replay-ratio 4')")
     parser.add_argument("--model", default=None, help="Base model (default: the embedded smollm2-135m)")
     parser.add_argument("--json", help="Also write the results to this JSON file")
+    parser.add_argument("--shrink", nargs="+", type=float, default=[], metavar="FACTOR",
+                        help="Also test each trained adapter with its LoRA B matrices times FACTOR (e.g. 0.85 0.7): "
+                             "moving the tuned model back toward the base after training")
     parser.add_argument("--margins", action="store_true",
                         help="Also show whether the answers lost are the ones the base model was least sure of")
     args = parser.parse_args()
@@ -239,11 +273,15 @@ def main() -> int:
             for name in names:
                 rows = []
                 for seed in args.seeds:
-                    row = run(data, Path(tmp) / "adapter", DATASETS[dataset], seed, RUNS[name], args.model)
+                    row = run(data, Path(tmp) / "adapter", DATASETS[dataset], seed, RUNS[name], args.model,
+                              tuple(args.shrink))
                     rows.append(row)
                     print(f"done: {dataset} {name} seed {seed}: learned {row['learned']}/{row['learned_total']}, kept "
                           f"{row['kept']}/{row['known']}, train {row['train_s']:.1f}s", flush=True)
                 summaries.append(summarize(dataset, name, rows))
+                for factor in args.shrink:  # the same runs, their adapters shrunk afterwards
+                    shrunk = [{**r, **r["shrunk"][factor]} for r in rows]
+                    summaries.append(summarize(dataset, f"{name} x{factor}", shrunk))
                 if args.json:
                     Path(args.json).write_text(json.dumps(summaries, indent=2, ensure_ascii=False), encoding="utf-8")
     print_table(summaries, DATASETS)
