@@ -195,9 +195,8 @@ def print_table(summaries: list[dict], iters: dict) -> None:
         low, high = s["ci"]
         share = f"{s['kept']}/{s['known']} ({100 * s['kept'] / max(s['known'], 1):.1f}%)"
         run, _, factor = s["run"].partition(" x")
-        flags = " ".join(RUNS.get(run, [])) or "(none)"
-        flags += f"`, then LoRA B × {factor}`" if factor else ""
-        print(f"| {s['dataset']} ({iters[s['dataset']]} it) | {s['run']} | `{flags}` | {learned} | {share} | "
+        flags = f"`{' '.join(RUNS.get(run, [])) or '(none)'}`" + (f", then LoRA B × {factor}" if factor else "")
+        print(f"| {s['dataset']} ({iters[s['dataset']]} it) | {s['run']} | {flags} | {learned} | {share} | "
               f"{100 * low:.1f}–{100 * high:.1f}% | {', '.join(map(str, s['kept_per_seed']))} | {s['train_s']:.0f}s | {times} |")
     for s in summaries:
         if s["forgotten"]:
