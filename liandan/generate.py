@@ -74,6 +74,8 @@ def stream(model, prompt_ids: list[int], max_tokens: int, stop_ids, device, temp
     """Yield generated token ids one at a time (stop tokens are not yielded); fill `result` on the way."""
     result = result if result is not None else GenerationResult()
     result.prompt_tokens = len(prompt_ids)
+    if not prompt_ids:
+        raise LiandanError("the prompt is empty: there is no token to continue from")
     generator = make_generator(temp, seed)
     stop_ids = set(stop_ids)
     cache_arg = _cache_arg(model)
@@ -235,6 +237,9 @@ def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argp
                              "are converted once and cached)")
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="q8_0",
                         help="With --engine llama.cpp: the base model's GGUF tensor type (default q8_0)")
+    parser.add_argument("--ctx-size", type=int, default=None,
+                        help="Context window in tokens, prompt and answer (default: the model's; with --engine "
+                             "llama.cpp at most 4096, as its KV cache is allocated up front for every slot)")
     parser.add_argument("--dtype", default=None, help="With --engine torch: float32, bfloat16 or float16 "
                         "(default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
@@ -247,6 +252,8 @@ def check_inference_args(args: argparse.Namespace) -> None:
     """Refuse out-of-range sampling options before anything loads."""
     if args.max_tokens <= 0:
         raise LiandanError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if getattr(args, "ctx_size", None) is not None and args.ctx_size < 16:
+        raise LiandanError(f"--ctx-size must be at least 16, got {args.ctx_size}")
     if not 0 <= args.temp <= 100:
         raise LiandanError(f"--temp must be between 0 and 100, got {args.temp}")
     if not 0 < args.top_p <= 1:

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from contextlib import closing
-from typing import Literal
+from typing import Annotated, Literal
 
 from liandan.errors import LiandanError
 from liandan.reasoning import split_text, splitter_for
@@ -183,9 +183,17 @@ async def _send_error(send, status: int, message: str, code: str) -> None:
 def request_models(max_tokens_limit: int):
     from pydantic import BaseModel, ConfigDict, Field
 
+    class TextPart(BaseModel):
+        type: Literal["text"]
+        text: str
+
     class ChatMessage(BaseModel):
-        role: Literal["system", "user", "assistant", "tool"]
-        content: str | None = None
+        role: Literal["system", "developer", "user", "assistant", "tool"]  # "developer": newer clients' "system"
+        content: str | list[TextPart] | None = None  # a list of text parts, as several SDKs and UIs send it
+
+        def as_dict(self) -> dict:
+            text = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
+            return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
     class Sampling(BaseModel):
         model_config = ConfigDict(extra="allow")
@@ -195,9 +203,10 @@ def request_models(max_tokens_limit: int):
         temperature: float | None = Field(default=None, ge=0.0, le=2.0)
         top_p: float | None = Field(default=None, gt=0.0, le=1.0)
         min_p: float | None = Field(default=None, ge=0.0, lt=1.0)
-        stop: str | list[str] | None = Field(default=None, max_length=16)
+        stop: str | Annotated[list[str], Field(max_length=16)] | None = None  # the limit counts strings, not characters
         seed: int | None = None  # any integer: taken modulo 2**63
         stream: bool = False
+        stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage, as OpenAI sends
         n: int = Field(default=1, ge=1, le=1)
 
     class ChatRequest(Sampling):
@@ -217,6 +226,7 @@ class APIError(Exception):
 def install_error_handlers(app) -> None:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(APIError)
     async def on_api_error(request, exc: APIError):
@@ -228,6 +238,10 @@ def install_error_handlers(app) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return JSONResponse(error_body(f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}"),
                             status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc: StarletteHTTPException):  # 404, 405: the same error body as the rest
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(LiandanError)
     async def on_input_problem(request, exc: LiandanError):  # e.g. a chat template that refuses the messages
@@ -254,6 +268,8 @@ class Service:
         self.admission = Admission(engine.slots, args.max_queue)
 
     def check(self, req, prompt_ids: list[int]) -> int:
+        if not prompt_ids:  # nothing to continue from: a model needs at least one token
+            raise APIError(400, "the prompt is empty")
         room = self.engine.context - len(prompt_ids)
         if room < 1:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is "
@@ -279,9 +295,9 @@ class Service:
                            f"retry in {retry} s", "rate_limit_exceeded", {"Retry-After": str(retry)})
 
 
-async def answer(service: Service, req, encode, kind: str):
+async def answer(service: Service, req, encode, kind: str, request=None):
     """Admit, render, generate; a whole response or a stream of server-sent events."""
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     if req.model != service.name:
@@ -298,11 +314,26 @@ async def answer(service: Service, req, encode, kind: str):
     splitter = splitter_for(service.engine.pipe.encoder) if kind == "chat" else None
     reply = Reply(service.name, kind, len(job["prompt_ids"]), splitter)
     if req.stream:
-        return StreamingResponse(reply.events(items, cancelled), media_type="text/event-stream")
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(reply.events(items, cancelled, include_usage), media_type="text/event-stream")
+    whole = asyncio.ensure_future(reply.whole(items))
+    gone = asyncio.ensure_future(client_gone(request)) if request is not None else None
     try:
-        return await reply.whole(items)
+        await asyncio.wait([t for t in (whole, gone) if t], return_when=asyncio.FIRST_COMPLETED)
+        if not whole.done():  # the client left first: nobody is there to read an answer
+            return Response(status_code=499)  # nginx's "client closed request", for the access log
+        return whole.result()
     finally:
-        cancelled.set()
+        cancelled.set()  # the generation thread stops at its next token and frees the slot
+        for task in (whole, gone):
+            if task and not task.done():
+                task.cancel()
+
+
+async def client_gone(request, every: float = 0.1) -> None:
+    """Return once the client of a non-streamed request has disconnected (a stream notices by itself)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
 
 
 class Reply:
@@ -355,7 +386,8 @@ class Reply:
         reasoning, content = self.splitter.finish() if final else self.splitter.feed(piece)
         return {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
 
-    async def events(self, items: asyncio.Queue, cancelled: threading.Event):
+    async def events(self, items: asyncio.Queue, cancelled: threading.Event, include_usage: bool = False):
+        """Server-sent events; with stream_options.include_usage, OpenAI's last chunk: no choices, the usage."""
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         try:
             if self.kind == "chat":
@@ -368,7 +400,9 @@ class Reply:
                     if self.splitter is not None and (rest := self.delta("", final=True)):
                         yield _sse(self.envelope(obj, self.choice(rest, None, True)))
                     yield _sse(self.envelope(obj, self.choice({} if self.kind == "chat" else "", item["finish_reason"],
-                                                              True), item))
+                                                              True)))
+                    if include_usage:
+                        yield _sse({**self.envelope(obj, {}, item), "choices": []})
                 elif (piece := self.delta(item)) or self.kind != "chat":
                     yield _sse(self.envelope(obj, self.choice(piece, None, True)))
             yield "data: [DONE]\n\n"
@@ -383,7 +417,7 @@ def _sse(obj: dict) -> str:
 def create_app(engine, name: str, args, docs=None):
     """The ASGI application: FastAPI routes behind the Guard. `docs`: a DocsContext (--docs); chat questions
     are then asked with their retrieved chunks."""
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
 
     service = Service(engine, name, args)
     ChatRequest, CompletionRequest = request_models(args.max_tokens_limit)
@@ -400,20 +434,20 @@ def create_app(engine, name: str, args, docs=None):
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "liandan"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
-        messages = [{"role": m.role, "content": m.content or ""} for m in req.messages]
+    async def chat_completions(req: ChatRequest, request: Request):
+        messages = [m.as_dict() for m in req.messages]
         if messages[-1]["role"] == "assistant":
             raise APIError(400, "the last message must not be the assistant's")
         messages, sources = docs.apply(messages) if docs else (messages, None)
-        reply = await answer(service, req, lambda: engine.pipe.encoder.prompt_ids(messages), "chat")
+        reply = await answer(service, req, lambda: engine.pipe.encoder.prompt_ids(messages), "chat", request)
         if sources is not None and isinstance(reply, dict):
             reply["sources"] = sources  # non-streamed replies only: an SSE chunk has no place for them
         return reply
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         return await answer(service, req, lambda: engine.pipe.tokenizer(req.prompt, add_special_tokens=True)["input_ids"],
-                            "completion")
+                            "completion", request)
 
     return Guard(app, args.api_key, args.max_body_bytes)
 
@@ -438,12 +472,29 @@ def check_serve_args(args: argparse.Namespace) -> None:
             raise LiandanError(f"{flag} must be at least {low}, got {value}")
 
 
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LiandanError(f"--host {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise LiandanError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from liandan.engines import engine_from_args
 
     check_serve_args(args)
+    check_port_free(args.host, args.port)  # before the model loads: uvicorn would only log it and exit
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Warning: binding to {args.host} makes the server reachable from other machines"
               + ("" if args.api_key else "; consider --api-key"))

@@ -92,10 +92,10 @@ def test_bad_document_folders(tmp_path):
     (binary / "b.txt").write_bytes(b"text\x00with NUL")
     result = liandan("docs", "index", binary, "--out", tmp_path / "i2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "no readable text in 2 document file(s) (2 not UTF-8 text)" in result.stderr
+    assert "no readable text in 2 document file(s) (2 not readable UTF-8 text)" in result.stderr
     (binary / "good.md").write_text("# Good\n\nReadable text.\n")
     result = liandan("docs", "index", binary, "--out", tmp_path / "i3")
-    assert result.returncode == 0 and "Skipped 2 file(s) that are not UTF-8 text" in result.stdout
+    assert result.returncode == 0 and "Skipped 2 file(s) that are not readable UTF-8 text" in result.stdout
     assert "Indexed 1 file(s), 1 chunk(s)" in result.stdout
     missing = liandan("docs", "search", tmp_path / "nope", "-q", "x")
     assert missing.returncode == 2 and "no such file or directory" in missing.stderr
@@ -260,3 +260,64 @@ def test_embedded_model_answers_from_the_handbook(tmp_path):
     base, with_docs = report["modes"]
     assert report["recall"]["found"] >= 14
     assert with_docs["correct"] > base["correct"], (base["correct"], with_docs["correct"])
+
+
+def test_cutting_keeps_the_text_and_bounds_every_piece():
+    from liandan.data.docs import _pieces, sections
+    from liandan.docs.index import count_words
+
+    paragraph = ("The pump reaches 2.5 bar. Details are at example.com today.\n- first item\n- second item\n"
+                 + "重量860克电压220伏" * 30 + "。下一句。")
+    pieces = _pieces(paragraph, 20, 5, count_words)
+    assert all(count_words(p) <= 20 for p in pieces) and len(pieces) > 5
+    assert pieces[0] == "The pump reaches 2.5 bar. Details are at example.com today.\n- first item"
+    assert "".join(pieces).replace("\n", "").startswith(paragraph.replace("\n", "")[:60])  # nothing added or lost
+    heads = list(sections("# Setup\n\nInstall it.\n\n```bash\n# not a heading\n\npip install x\n```\n\nDone.\n"))
+    assert heads == [(["Setup"], ["Install it.", "```bash\n# not a heading\n\npip install x\n```", "Done."])]
+
+
+def test_document_files_skip_hidden_and_package_folders(tmp_path):
+    from liandan.data.docs import document_files
+    from liandan.errors import LiandanError
+
+    docs = make_docs(tmp_path / "docs")
+    for folder in (".git", ".venv/lib", "node_modules/pkg"):
+        (docs / folder).mkdir(parents=True)
+        (docs / folder / "README.md").write_text("# Not yours\n\nDependency text.\n")
+    assert sorted(p.relative_to(docs).as_posix() for p in document_files(docs)) == [
+        "faq.html", "guide/battery.md", "props.md"]
+    (docs / "index.json").write_text("{}")
+    with pytest.raises(LiandanError, match="not a .md"):
+        document_files(docs / "index.json")
+
+
+def test_relevance_accepts_synth_heading_paths_and_bom_question_files(tmp_path):
+    from liandan.docs.index import Chunk
+    from liandan.docs.qa import QA, is_relevant, read_questions
+
+    chunk = Chunk("# Battery > Storage\n\nStore the battery at 40 percent.", "guide/battery.md", "Battery > Storage")
+    for section in ("Storage", "Battery > Storage"):  # by hand / as `data synth` writes it
+        assert is_relevant(chunk, QA("How to store it?", "40 percent", 1, section))
+    assert not is_relevant(chunk, QA("How to store it?", "40 percent", 1, "Battery"))
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes('{"prompt": "How to store it?", "completion": "40 percent", "section": "Storage"}\n'.encode("utf-8-sig"))
+    assert read_questions(path)[0].section == "Storage"
+
+
+def test_from_docs_never_replaces_questions_or_data_without_overwrite(tmp_path):
+    data = tmp_path / "data"
+    questions = HANDBOOK / "en" / "train_questions.jsonl"
+    assert liandan("data", "from-docs", HANDBOOK / "en", "--out", data, "--questions", questions).returncode == 0
+    again = liandan("data", "from-docs", HANDBOOK / "en", "--out", data, "--questions", questions)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "train.jsonl").write_text(questions.read_text())
+    result = liandan("data", "from-docs", HANDBOOK / "en", "--out", own, "--questions", own / "train.jsonl", "--overwrite")
+    assert result.returncode == 2 and "which this command reads" in result.stderr
+    assert (own / "train.jsonl").read_text() == questions.read_text()
+    zero = liandan("data", "from-docs", HANDBOOK / "en", "--out", tmp_path / "z", "--questions", questions, "--top-k", "0")
+    assert zero.returncode == 2 and "--top-k must be at least 1, got 0" in zero.stderr
+    plain = liandan("data", "from-docs", HANDBOOK / "en", "--out", data, "--overwrite")
+    assert plain.returncode == 0, plain.stderr
+    assert not (data / "docs-layout.json").exists()  # plain text chunks: no layout for the adapter to record

@@ -139,7 +139,7 @@ def test_bad_engine_options_are_refused_before_loading():
     bad = liandan("generate", "--engine", "vllm")
     assert bad.returncode == 2 and "invalid choice: 'vllm'" in bad.stderr
     for flag, value, message in (("--top-p", "0", "--top-p must be in (0, 1]"), ("--min-p", "1.5", "--min-p must be"),
-                                 ("--temp", "-1", "--temp must be between")):
+                                 ("--temp", "-1", "--temp must be between"), ("--ctx-size", "8", "--ctx-size must be")):
         proc = liandan("chat", flag, value, "--model", "/nonexistent")
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
@@ -147,6 +147,10 @@ def test_bad_engine_options_are_refused_before_loading():
 def test_context_size_rule(tiny_llama):
     from liandan.generate import context_size, load_pipeline
 
-    assert context_size(load_pipeline(str(tiny_llama), None, load_weights=False)) == 512
+    pipe = load_pipeline(str(tiny_llama), None, load_weights=False)
+    assert context_size(pipe) == 512
+    from liandan.engines import Engine
+
+    assert Engine(pipe).context == 512 and Engine(pipe, 4096).context == 512 and Engine(pipe, 100).context == 100
     with pytest.raises(LiandanError, match="no adapter found"):
         load_pipeline(None, "/nonexistent", load_weights=False)

@@ -191,6 +191,36 @@ def test_bad_requests_get_4xx_json_and_the_server_keeps_serving(server):
     assert "/v1/chat/completions" in schema["paths"] and "/v1/completions" in schema["paths"]
 
 
+def test_content_parts_and_the_developer_role_are_read_as_text(server):
+    client = server.client()
+    plain = client.chat.completions.create(model="paris", messages=[{"role": "user", "content": "Capital of France?"}])
+    parts = client.chat.completions.create(model="paris", messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Capital of "}, {"type": "text", "text": "France?"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content == "Paris is the capital."
+    developer = client.chat.completions.create(model="paris", max_tokens=4, messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}])
+    assert developer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_usage_only_when_asked_in_a_last_chunk_without_choices(server):
+    client = server.client()
+    ask = dict(model="paris", messages=[{"role": "user", "content": "Capital of France?"}], stream=True)
+    plain = list(client.chat.completions.create(**ask))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "stop"
+    counted = list(client.chat.completions.create(**ask, stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens > 0
+    assert counted[-2].choices[0].finish_reason == "stop" and counted[-2].usage is None
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_llama):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = subprocess.run([sys.executable, "-m", "liandan", "serve", "--model", str(tiny_llama), "--port",
+                                 str(busy.getsockname()[1])], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in result.stderr
+
+
 def test_api_key_and_a_client_that_disconnects_frees_its_slot(tiny_llama):
     server = Server("--model", tiny_llama, "--api-key", "s3cret", "--model-name", "tiny")
     try:

@@ -155,3 +155,26 @@ def test_memory_returns_near_its_start_after_large_prompts(server):
         time.sleep(0.2)
     assert after < before + 100, f"RSS {before:.0f} MB before, {after:.0f} MB 5 s after"
     assert greedy(server) == greedy(server)
+
+
+def test_a_dropped_non_streamed_request_frees_its_slot(server):
+    started = time.perf_counter()
+    post(server, {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400})
+    whole_seconds = time.perf_counter() - started
+    with pytest.raises(httpx.ReadTimeout):  # a client that gives up waiting for the whole answer
+        httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400},
+                   headers=AUTH, timeout=whole_seconds / 4)
+    dropped = time.perf_counter()
+    while httpx.get(server.url + "/health", headers=AUTH).json()["active"]:
+        assert time.perf_counter() - dropped < whole_seconds / 2, "the abandoned request still runs"
+        time.sleep(0.02)
+    assert greedy(server) == greedy(server)  # and the server answers as before
+
+
+def test_empty_prompt_long_stop_strings_and_unknown_paths(server):
+    assert_error(post(server, {"model": "tiny", "prompt": "", "max_tokens": 4}), 400)
+    long_stop = "</answer>\n\nQuestion:"  # one stop string longer than 16 characters is fine; 17 strings are not
+    assert greedy(server, stop=long_stop) == greedy(server)
+    assert_error(post(server, {"model": "tiny", "prompt": "Hi", "stop": ["x"] * 17}), 400)
+    assert_error(httpx.get(server.url + "/v1/chat/completions", headers=AUTH), 405)
+    assert_error(post(server, {"input": "hi"}, path="/v1/embeddings"), 404)

@@ -48,6 +48,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
                    help=f"Chunks per question with --questions (default {DEFAULT_TOP_K})")
     d.add_argument("--seed", type=int, default=0, help="Seed for the order of chunks with --questions (default 0)")
+    d.add_argument("--overwrite", action="store_true", help="Replace a train.jsonl already in --out")
     y = sub.add_parser("synth", help="Question/answer pairs for each chunk of your documents, from a teacher model")
     y.add_argument("source", help="A folder of documents (or one file)")
     y.add_argument("--out", required=True, help="Output data directory (train.jsonl; valid/test.jsonl there are "
@@ -59,6 +60,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     y.add_argument("--model", help="Local teacher when there is no --teacher-url (default: smollm2-135m)")
     y.add_argument("--per-chunk", type=int, default=3, help="Questions asked per chunk (default 3)")
     y.add_argument("--max-tokens", type=int, default=256, help="Teacher's answer budget per chunk (default 256)")
+    y.add_argument("--overwrite", action="store_true", help="Replace a train.jsonl already in --out")
     return parser
 
 
@@ -132,11 +134,13 @@ def main(args: argparse.Namespace) -> int:
     if args.questions:
         from liandan.docs.qa import write_retrieval_data
 
-        write_retrieval_data(Path(args.source), Path(args.questions), Path(args.out), args.top_k, args.seed)
+        write_retrieval_data(Path(args.source), Path(args.questions), Path(args.out), args.top_k, args.seed,
+                             overwrite=args.overwrite)
         return 0
     from liandan.data.docs import from_docs
 
     if args.chunk_tokens <= 0:
         raise LiandanError(f"--chunk-tokens must be positive, got {args.chunk_tokens}")
-    from_docs(Path(args.source), Path(args.out), _tokenizer(args.model), args.chunk_tokens, args.overlap)
+    from_docs(Path(args.source), Path(args.out), _tokenizer(args.model), args.chunk_tokens, args.overlap,
+              overwrite=args.overwrite)
     return 0

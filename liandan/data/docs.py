@@ -3,8 +3,9 @@
 Documents are cut at headings first, then at paragraphs, and paragraphs are packed into chunks of
 at most --chunk-tokens tokens (counted with the model's tokenizer). Each chunk starts with its
 heading path, so a chunk read alone still says what it is about, and keeps its source file and
-section as metadata. A paragraph longer than a chunk is cut at sentence ends, with --overlap
-tokens repeated between pieces.
+section as metadata. A paragraph longer than a chunk is cut at line breaks, then sentence ends, then
+spaces (a hard cut where there are none), with --overlap tokens repeated between pieces. Cuts keep
+the text as it was: "2.5 bar" and "example.com" are not sentence ends, and no space is added.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from liandan.errors import LiandanError
 
 SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html"}
 _HEADING = re.compile(r"^(#{1,6})\s+(.*\S)\s*$")
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？；;])\s*")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+# Where an over-long paragraph may be cut, coarsest first; the capture group keeps each separator.
+_CUTS = (re.compile(r"(\n)"),
+         re.compile(r"((?<=[.!?;])\s+|(?<=[。！？；])\s*)"),  # "2.5" and "example.com" have no space after the dot
+         re.compile(r"(\s+)"))
+# Never descended into: version control, virtual environments, editor and package folders.
+_SKIPPED_DIRS = {"node_modules", "__pycache__", "site-packages"}
 
 
 class _HtmlToMarkdown(HTMLParser):
@@ -54,6 +61,8 @@ def read_document(path: Path) -> str:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise LiandanError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    except OSError as exc:
+        raise LiandanError(f"{path}: cannot be read ({exc.strerror})") from None
     if "\x00" in text:
         raise LiandanError(f"{path}: a binary file (it contains NUL bytes), not text")
     if SUFFIXES.get(path.suffix.lower()) == "html":
@@ -64,10 +73,12 @@ def read_document(path: Path) -> str:
 
 
 def sections(text: str):
-    """Yield (heading path, [paragraphs]) for a Markdown-ish text."""
+    """Yield (heading path, [paragraphs]) for a Markdown-ish text. A fenced code block is one paragraph,
+    and its `# comment` lines are not headings."""
     path: list[tuple[int, str]] = []
     paragraphs: list[str] = []
     current: list[str] = []
+    fence = None  # the ``` or ~~~ that opened the code block we are in
 
     def flush_paragraph():
         if current:
@@ -77,6 +88,14 @@ def sections(text: str):
             current.clear()
 
     for line in text.split("\n"):
+        opened = _FENCE.match(line)
+        if fence or opened:
+            current.append(line)
+            if opened and fence is None:
+                fence = opened.group(1)
+            elif opened and opened.group(1) == fence:
+                fence = None
+            continue
         match = _HEADING.match(line)
         if match:
             flush_paragraph()
@@ -94,23 +113,46 @@ def sections(text: str):
         yield [h for _, h in path], paragraphs
 
 
+def _units(text: str, limit: int, count, level: int = 0) -> list[str]:
+    """`text` in consecutive pieces of at most `limit`, cut at the coarsest boundary that is enough
+    (_CUTS), each piece keeping the separator after it, so that "".join(pieces) == text."""
+    if count(text) <= limit:
+        return [text]
+    if level == len(_CUTS):
+        return _hard_cut(text, limit, count)
+    parts = _CUTS[level].split(text)
+    units = [u for u in ("".join(parts[i:i + 2]) for i in range(0, len(parts), 2)) if u]
+    return [piece for unit in units for piece in _units(unit, limit, count, level + 1)]
+
+
+def _hard_cut(text: str, limit: int, count) -> list[str]:
+    """Cut by characters: for a run with no space or sentence end (Chinese without 。, a long URL)."""
+    pieces = []
+    while text:
+        n = len(text)
+        while n > 1 and count(text[:n]) > limit:
+            n = max(1, min(n - 1, n * limit // count(text[:n])))
+        pieces.append(text[:n])
+        text = text[n:]
+    return pieces
+
+
 def _pieces(paragraph: str, limit: int, overlap: int, count) -> list[str]:
-    """Cut an over-long paragraph at sentence ends (then words), repeating ~overlap tokens."""
-    units = [u for u in _SENTENCE_END.split(paragraph) if u.strip()]
-    if len(units) == 1:
-        units = paragraph.split(" ")
+    """Cut an over-long paragraph into pieces of at most `limit`, each starting with ~overlap of the last."""
     out, current = [], []
-    for unit in units:
-        if current and count(" ".join(current + [unit])) > limit:
-            out.append(" ".join(current))
+    for unit in _units(paragraph, limit, count):
+        if current and count("".join(current + [unit])) > limit:
+            out.append("".join(current).strip())
             kept = []
-            while current and count(" ".join(kept + current[-1:])) <= overlap:
+            while current and count("".join(current[-1:] + kept)) <= overlap:
                 kept = current[-1:] + kept
                 current = current[:-1]
+            while kept and count("".join(kept + [unit])) > limit:  # the overlap must leave room for the new unit
+                kept = kept[1:]
             current = kept
         current.append(unit)
-    if current:
-        out.append(" ".join(current))
+    if "".join(current).strip():
+        out.append("".join(current).strip())
     return out
 
 
@@ -135,33 +177,54 @@ def chunk_document(text: str, count, chunk_tokens: int, overlap: int) -> list[tu
 
 
 def document_files(source: Path) -> list[Path]:
-    """The documents under a directory (recursively, sorted), or the one file given."""
+    """The documents under a directory (recursively, sorted; hidden and package folders skipped), or the one file given."""
     source = Path(source)
     if not source.exists():
         raise LiandanError(f"{source}: no such file or directory")
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+    if source.is_file():
+        if source.suffix.lower() not in SUFFIXES:
+            raise LiandanError(f"{source}: not a .md, .markdown, .txt, .html or .htm file")
+        return [source]
+    files = sorted(p for p in source.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
+                   and not any(d.startswith(".") or d in _SKIPPED_DIRS for d in p.relative_to(source).parts[:-1]))
     if not files:
         raise LiandanError(f"{source}: no .md, .markdown, .txt, .html or .htm files")
     return files
 
 
-def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: int, log=print) -> int:
+def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: int, log=print,
+              overwrite: bool = False) -> int:
+    from liandan.atomic import check_output
     from liandan.data.prepare import write_jsonl
+    from liandan.docs.qa import LAYOUT_FILE
 
     source = Path(source)
     files = document_files(source)
     if overlap >= chunk_tokens:
         raise LiandanError(f"--overlap {overlap} must be smaller than --chunk-tokens {chunk_tokens}")
+    check_output(out / "train.jsonl", "--out", [("the documents", source)], overwrite)
 
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    records = []
+    records, skipped = [], []
     for path in files:
         relative = str(path.relative_to(source)) if source.is_dir() else path.name
-        for title, text in chunk_document(read_document(path), count, chunk_tokens, overlap):
-            records.append({"text": text, "source": relative, "section": title})
+        try:
+            text = read_document(path)
+        except LiandanError as exc:  # as `docs index` does: skip the file, say so once below
+            skipped.append(str(exc))
+            continue
+        for title, chunk in chunk_document(text, count, chunk_tokens, overlap):
+            records.append({"text": chunk, "source": relative, "section": title})
+    if skipped:
+        log(f"Skipped {len(skipped)} file(s) that are not readable UTF-8 text (first: {skipped[0]})")
+    if not records:
+        raise LiandanError(f"{source}: no text in {len(files)} document file(s)")
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", records)
-    log(f"Wrote {out / 'train.jsonl'}: {len(records)} chunk(s) of at most {chunk_tokens} tokens from {len(files)} file(s)")
+    if (out / LAYOUT_FILE).exists():  # left by an earlier --questions run: plain text has no docs layout
+        (out / LAYOUT_FILE).unlink()
+    log(f"Wrote {out / 'train.jsonl'}: {len(records)} chunk(s) of at most {chunk_tokens} tokens from "
+        f"{len(files) - len(skipped)} file(s)")
     return len(records)

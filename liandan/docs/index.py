@@ -107,16 +107,16 @@ def read_chunks(source: Path, log=print) -> tuple[list[Chunk], list[list], int]:
         fingerprints.append([relative, stat.st_size, stat.st_mtime_ns])
         try:
             text = read_document(path)
-        except LiandanError as exc:  # not UTF-8, or binary: skip the file, say so once below
+        except LiandanError as exc:  # not UTF-8, binary or unreadable: skip the file, say so once below
             skipped.append(str(exc))
             continue
         for title, body in chunk_document(text, count_words, CHUNK_WORDS, OVERLAP_WORDS):
             chunks.append(Chunk(body, relative, title))
     if skipped:
-        log(f"Skipped {len(skipped)} file(s) that are not UTF-8 text (first: {skipped[0]})")
+        log(f"Skipped {len(skipped)} file(s) that are not readable UTF-8 text (first: {skipped[0]})")
     if not chunks:
         raise LiandanError(f"{source}: no readable text in {len(fingerprints)} document file(s)"
-                           + (f" ({len(skipped)} not UTF-8 text)" if skipped else ""))
+                           + (f" ({len(skipped)} not readable UTF-8 text)" if skipped else ""))
     return chunks, fingerprints, len(skipped)
 
 
@@ -229,6 +229,8 @@ def cache_dir_for(source: Path) -> Path:
 def build_index(source: Path, out: Path, overwrite: bool = False, log=print) -> DocsIndex:
     """`liandan docs index DIR --out INDEX`: (re)build, refusing to replace an index of other files."""
     source, out = Path(source), Path(out)
+    if out.exists() and not out.is_dir():
+        raise LiandanError(f"--out {out}: a file, not a folder; choose an empty or new folder")
     if out.exists() and any(out.iterdir()):
         if not is_index(out):
             raise LiandanError(f"--out {out}: the folder holds other files; choose an empty or new folder")
@@ -258,7 +260,7 @@ def open_docs(path: str | Path, log=note) -> DocsIndex:
         if not index.is_current():
             log(f"Note: the files in {index.manifest['source']} changed since {path} was built; rebuilding it.")
             index = DocsIndex.build(Path(index.manifest["source"]), log)
-            index.save(path)
+            _save_if_possible(index, path, log)
         return index
     cached = cache_dir_for(path)
     if is_index(cached):
@@ -269,5 +271,13 @@ def open_docs(path: str | Path, log=note) -> DocsIndex:
         except LiandanError:
             pass  # an old or damaged cache entry: rebuild it
     index = DocsIndex.build(path, log)
-    index.save(cached)
+    _save_if_possible(index, cached, log)
     return index
+
+
+def _save_if_possible(index: DocsIndex, where: Path, log) -> None:
+    """A rebuilt index that cannot be written (a read-only folder or cache) still answers; it is rebuilt next time."""
+    try:
+        index.save(where)
+    except OSError as exc:
+        log(f"Note: could not save the rebuilt index to {where} ({exc.strerror}); using it unsaved.")

@@ -36,7 +36,7 @@ def read_questions(path: Path) -> list[QA]:
     if data.format == "text":
         raise LiandanError(f"{path}: questions need a prompt and an answer (completions or chat format), not text")
     raw = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # read_jsonl has checked every line; -sig: a BOM is not JSON
         for number, line in enumerate(f, 1):
             if line.strip():
                 raw[number] = json.loads(line)
@@ -66,12 +66,19 @@ def contains_answer(got: str, expected: str) -> bool:
 
 
 def is_relevant(chunk, qa: QA) -> bool:
-    """A retrieved chunk that holds the answer: the question's section if it names one, else its answer text."""
+    """A retrieved chunk that holds the answer: the question's section if it names one (its own heading, as
+    written by hand, or its whole heading path, as `data synth` writes it), else its answer text."""
     if qa.source and qa.source != chunk.source:
         return False
     if qa.section:
-        return chunk.section.split(" > ")[-1].strip() == qa.section.strip()
+        return qa.section.strip() in (chunk.section.strip(), chunk.section.split(" > ")[-1].strip())
     return contains_answer(chunk.text, qa.answer)
+
+
+def gold_chunk(index, qa: QA):
+    """The chunk a question is about: among its section's chunks, one that holds the answer if any does."""
+    relevant = [c for c in index.chunks if is_relevant(c, qa)]
+    return next((c for c in relevant if contains_answer(c.text, qa.answer)), relevant[0] if relevant else None)
 
 
 def retrieval_examples(index, questions: list[QA], layout, top_k: int, seed: int = 0, log=print) -> list[dict]:
@@ -82,14 +89,16 @@ def retrieval_examples(index, questions: list[QA], layout, top_k: int, seed: int
     retrieval misses a question's section, its chunk replaces the last hit, so no example teaches
     the model to answer without the answer in view."""
     rng = random.Random(seed)
-    records, missed = [], 0
+    records, missed, unanswerable = [], 0, []
     for qa in questions:
         chunks = [h.chunk for h in index.search(qa.question, top_k)]
         if not any(is_relevant(c, qa) for c in chunks):
-            gold = next((c for c in index.chunks if is_relevant(c, qa)), None)
+            gold = gold_chunk(index, qa)
+            if gold is None:  # no chunk holds it: an example would teach answering without the answer in view
+                unanswerable.append(qa.line)
+                continue
             missed += 1
-            if gold is not None:
-                chunks = chunks[: max(top_k - 1, 0)] + [gold]
+            chunks = chunks[: max(top_k - 1, 0)] + [gold]
         others = [c for c in index.chunks if c not in chunks and not is_relevant(c, qa)]
         chunks += rng.sample(others, min(top_k - len(chunks), len(others))) if len(chunks) < top_k else []
         rng.shuffle(chunks)
@@ -102,23 +111,32 @@ def retrieval_examples(index, questions: list[QA], layout, top_k: int, seed: int
     if missed:
         log(f"Note: retrieval missed the answer's chunk for {missed} of {len(questions)} question(s); "
             "it was put in their context instead of the last hit.")
+    if unanswerable:
+        log(f"Note: left out {len(unanswerable)} question(s) whose section or answer is in no chunk of the documents "
+            f"(line(s) {', '.join(map(str, unanswerable[:10]))}{', …' if len(unanswerable) > 10 else ''}).")
     return records
 
 
 LAYOUT_FILE = "docs-layout.json"
 
 
-def write_retrieval_data(source: Path, questions_path: Path, out: Path, top_k: int, seed: int, log=print) -> int:
+def write_retrieval_data(source: Path, questions_path: Path, out: Path, top_k: int, seed: int, log=print,
+                         overwrite: bool = False) -> int:
     """`liandan data from-docs DIR --questions QA.jsonl --out DATA`: train.jsonl + the layout for the adapter record."""
-    from liandan.atomic import atomic_write_text
+    from liandan.atomic import atomic_write_text, check_output
     from liandan.data.prepare import write_jsonl
     from liandan.docs.index import open_docs
     from liandan.docs.prompt import DocsLayout
 
+    if top_k < 1:
+        raise LiandanError(f"--top-k must be at least 1, got {top_k}")
+    check_output(out / "train.jsonl", "--out", [("--questions", questions_path), ("the documents", source)], overwrite)
     questions = read_questions(questions_path)
     index = open_docs(source, log)
     layout = DocsLayout(top_k=top_k)
     records = retrieval_examples(index, questions, layout, top_k, seed, log)
+    if not records:
+        raise LiandanError(f"{questions_path}: no question has its answer in the documents; nothing to write")
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", records)
     atomic_write_text(out / LAYOUT_FILE, json.dumps(layout.to_dict(), indent=2, ensure_ascii=False))

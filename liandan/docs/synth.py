@@ -113,12 +113,14 @@ def drop_leaks(records: list[dict], out: Path) -> tuple[list[dict], int]:
 def synth_main(args) -> int:
     import time
 
+    from liandan.atomic import check_output
     from liandan.data.prepare import write_jsonl
     from liandan.docs.index import read_chunks
 
     if args.per_chunk < 1:
         raise LiandanError(f"--per-chunk must be at least 1, got {args.per_chunk}")
     out = Path(args.out)
+    check_output(out / "train.jsonl", "--out", [("the documents", Path(args.source))], args.overwrite)
     chunks, _, _ = read_chunks(Path(args.source))
     teacher = ApiTeacher(args.teacher_url, args.teacher_model, args.api_key) if args.teacher_url else LocalTeacher(args.model)
     start = time.perf_counter()

@@ -20,6 +20,10 @@ from liandan.errors import LiandanError
 ENGINES = ("torch", "llama.cpp")
 GGUF_TYPES = ("f32", "f16", "q8_0")
 LLAMA_INSTALL = "pip install 'liandan[llama]'"
+# llama.cpp allocates every slot's whole KV cache up front: at a model's full 32k-128k positions that is GiBs per
+# slot, so --engine llama.cpp uses at most this many unless --ctx-size asks for more (llama-server and Ollama
+# default to a few thousand too). The torch engine's cache grows with the text, so it keeps the model's limit.
+LLAMA_DEFAULT_CTX = 4096
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,11 @@ class Engine:
     kind = "base"
     slots = 1
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, ctx_size: int | None = None):
         from liandan.generate import context_size
 
         self.pipe = pipe
-        self.context = context_size(pipe)
+        self.context = min(context_size(pipe), ctx_size) if ctx_size else context_size(pipe)
 
     def stream(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, result=None) -> Iterator[int]:
         """Yield generated ids (stop tokens are not yielded); fill `result` (a GenerationResult) on the way.
@@ -54,7 +58,8 @@ class Engine:
 
 def load_engine(kind: str, model: str | None, adapter_path: str | None, system_prompt: str | None = None,
                 extra_eos: list[str] | None = None, dtype: str | None = None, trust_remote_code: bool = False,
-                gguf_type: str = "q8_0", slots: int = 1, chat_template: str | None = None) -> Engine:
+                gguf_type: str = "q8_0", slots: int = 1, chat_template: str | None = None,
+                ctx_size: int | None = None) -> Engine:
     from liandan.generate import load_pipeline
 
     if kind not in ENGINES:
@@ -65,14 +70,15 @@ def load_engine(kind: str, model: str | None, adapter_path: str | None, system_p
         require_llama_cpp()  # before anything slow loads
         pipe = load_pipeline(model, adapter_path, system_prompt, extra_eos, None, trust_remote_code, load_weights=False,
                              chat_template=chat_template)
-        return LlamaEngine(pipe, gguf_type, slots)
+        return LlamaEngine(pipe, gguf_type, slots, ctx_size or LLAMA_DEFAULT_CTX)
     from liandan.engines.torch_engine import TorchEngine
 
     return TorchEngine(load_pipeline(model, adapter_path, system_prompt, extra_eos, dtype, trust_remote_code,
-                                     chat_template=chat_template))
+                                     chat_template=chat_template), ctx_size)
 
 
 def engine_from_args(args: argparse.Namespace, slots: int = 1) -> Engine:
     """The engine `add_inference_args`' options describe."""
     return load_engine(args.engine, args.model, args.adapter_path, args.system_prompt, args.extra_eos_token,
-                       args.dtype, args.trust_remote_code, args.gguf_type, slots, getattr(args, "chat_template", None))
+                       args.dtype, args.trust_remote_code, args.gguf_type, slots, getattr(args, "chat_template", None),
+                       getattr(args, "ctx_size", None))

@@ -33,8 +33,8 @@ def require_llama_cpp():
 class LlamaEngine(Engine):
     kind = "llama.cpp"
 
-    def __init__(self, pipe, gguf_type: str = "q8_0", slots: int = 1):
-        super().__init__(pipe)
+    def __init__(self, pipe, gguf_type: str = "q8_0", slots: int = 1, ctx_size: int | None = None):
+        super().__init__(pipe, ctx_size)
         self.slots = slots
         self.gguf_type = gguf_type
         try:
@@ -43,8 +43,13 @@ class LlamaEngine(Engine):
             self._load(rebuild=True)
         threads = max(1, cpu_count() // slots)
         self.free: queue.LifoQueue = queue.LifoQueue()  # last used first: its KV cache is the warmest
-        for _ in range(slots):
-            self.free.put(_Slot(self.model, self.lora, self.context, threads, exact=gguf_type == "f32"))
+        try:
+            for _ in range(slots):
+                self.free.put(_Slot(self.model, self.lora, self.context, threads, exact=gguf_type == "f32"))
+        except ValueError:  # llama.cpp could not allocate a context (its KV cache)
+            self.close()
+            raise LiandanError(f"llama.cpp could not allocate {slots} context(s) of {self.context} tokens; "
+                               "lower --ctx-size (or --parallel)") from None
 
     def _load(self, rebuild: bool) -> None:
         from liandan.engines.gguf_cache import engine_ggufs
@@ -75,6 +80,8 @@ class LlamaEngine(Engine):
 
         result = result if result is not None else GenerationResult()
         result.prompt_tokens = len(prompt_ids)
+        if not prompt_ids:  # llama.cpp would sample from whatever logits the slot holds from its last request
+            raise LiandanError("the prompt is empty: there is no token to continue from")
         if len(prompt_ids) >= self.context:
             raise LiandanError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.context}")
         generator = make_generator(sampling.temp, sampling.seed)

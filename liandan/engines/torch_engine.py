@@ -14,8 +14,8 @@ class TorchEngine(Engine):
     kind = "torch"
     slots = 1
 
-    def __init__(self, pipe):
-        super().__init__(pipe)
+    def __init__(self, pipe, ctx_size: int | None = None):
+        super().__init__(pipe, ctx_size)
         self.lock = threading.Lock()
 
     def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None):

@@ -108,12 +108,13 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
     if system and wrappers.system == "none":
         raise LiandanError("--system: this chat template has no system role (it refuses system messages)")
     stops = list(dict.fromkeys(rendering.stop_tokens + ([tokenizer.eos_token] if tokenizer.eos_token else [])))
-    out_dir.mkdir(parents=True, exist_ok=True)
     gguf_name = f"{name}.gguf"
-    export_gguf(model_dir, out_dir / gguf_name, outtype, rendering.chat_template, rendering.stop_tokens, name, log)
     num_ctx = min(int(read_config(model_dir).get("max_position_embeddings", 4096)), 4096)
+    text = modelfile(gguf_name, wrappers, system, stops, num_ctx)  # first: its errors must not cost an export
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_gguf(model_dir, out_dir / gguf_name, outtype, rendering.chat_template, rendering.stop_tokens, name, log)
     path = out_dir / "Modelfile"
-    atomic_write_text(path, modelfile(gguf_name, wrappers, system, stops, num_ctx))
+    atomic_write_text(path, text)
     log(f"Wrote {path} (TEMPLATE checked against the chat template: {describe(wrappers)}; stop: {', '.join(stops)})")
     command = ["ollama", "create", name, "-f", str(path)]
     if shutil.which("ollama"):
