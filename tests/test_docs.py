@@ -321,3 +321,19 @@ def test_from_docs_never_replaces_questions_or_data_without_overwrite(tmp_path):
     plain = liandan("data", "from-docs", HANDBOOK / "en", "--out", data, "--overwrite")
     assert plain.returncode == 0, plain.stderr
     assert not (data / "docs-layout.json").exists()  # plain text chunks: no layout for the adapter to record
+
+
+def test_copies_take_one_place_in_the_top_k_and_html_head_is_not_text(tmp_path):
+    from liandan.data.docs import read_document
+    from liandan.docs.index import DocsIndex
+
+    docs = make_docs(tmp_path / "docs")
+    (docs / "battery-copy.md").write_text((docs / "guide" / "battery.md").read_text())
+    hits = DocsIndex.build(docs, log=lambda *_: None).search("How long does the battery take to charge?", 3)
+    texts = [h.chunk.text for h in hits]
+    assert len(texts) == 3 and len(set(texts)) == 3 and [h.rank for h in hits] == [1, 2, 3]
+    page = tmp_path / "page.html"
+    page.write_text("<html><head><title>Zephyr | Shop</title><head><body><aside>Menu</aside><h1>Zephyr</h1>"
+                    "<p>It flies.</p></body></html>")
+    text = read_document(page)
+    assert "It flies." in text and "Shop" not in text and "Menu" not in text

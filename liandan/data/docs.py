@@ -28,9 +28,12 @@ _SKIPPED_DIRS = {"node_modules", "__pycache__", "site-packages"}
 
 
 class _HtmlToMarkdown(HTMLParser):
-    """Just enough HTML → Markdown: headings, paragraphs and list items; scripts and styles dropped."""
+    """Just enough HTML → Markdown: headings, paragraphs and list items; scripts, styles, menus and <head> dropped."""
 
     BLOCKS = {"p", "div", "li", "br", "tr", "section", "article", "pre", "blockquote", "table"}
+    # Not the page's text: code, menus, and <head> (its <title> would be a tiny chunk of its own that BM25's
+    # length normalisation ranks high for the product's name).
+    SKIPPED = {"script", "style", "nav", "footer", "aside", "head"}
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -38,7 +41,9 @@ class _HtmlToMarkdown(HTMLParser):
         self.skip = 0
 
     def handle_starttag(self, tag, attrs):
-        if tag in ("script", "style", "nav", "footer"):
+        if tag == "body":  # a <head> left open (HTML lets it be) must not swallow the page
+            self.skip = 0
+        elif tag in self.SKIPPED:
             self.skip += 1
         elif re.fullmatch(r"h[1-6]", tag):
             self.parts.append("\n\n" + "#" * int(tag[1]) + " ")
@@ -46,7 +51,7 @@ class _HtmlToMarkdown(HTMLParser):
             self.parts.append("\n\n" if tag != "li" else "\n- ")
 
     def handle_endtag(self, tag):
-        if tag in ("script", "style", "nav", "footer"):
+        if tag in self.SKIPPED:
             self.skip = max(0, self.skip - 1)
         elif re.fullmatch(r"h[1-6]", tag) or tag in self.BLOCKS:
             self.parts.append("\n\n")

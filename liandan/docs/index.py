@@ -159,9 +159,17 @@ class DocsIndex:
         terms = [t for t in self.analyzer.terms(query) if t in self.vocab]
         if not terms or k <= 0:
             return []
-        ids, scores = self.retriever.retrieve([terms], k=min(k, len(self.chunks)), show_progress=False,
+        # A few more than k: a chunk whose text an earlier hit already shows (the same manual as .md and .html, a
+        # copied file) is skipped, so that it does not take a place of the k.
+        ids, scores = self.retriever.retrieve([terms], k=min(2 * k, len(self.chunks)), show_progress=False,
                                               n_threads=1)
-        return [Hit(self.chunks[int(i)], float(s), r + 1) for r, (i, s) in enumerate(zip(ids[0], scores[0])) if s > 0]
+        hits, shown = [], set()
+        for i, score in zip(ids[0], scores[0]):
+            text = " ".join(self.chunks[int(i)].text.split())
+            if score > 0 and text not in shown and len(hits) < k:
+                shown.add(text)
+                hits.append(Hit(self.chunks[int(i)], float(score), len(hits) + 1))
+        return hits
 
     def save(self, directory: Path) -> None:
         with atomic_dir(directory) as tmp:
