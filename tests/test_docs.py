@@ -318,6 +318,9 @@ def test_from_docs_never_replaces_questions_or_data_without_overwrite(tmp_path):
     assert (own / "train.jsonl").read_text() == questions.read_text()
     zero = liandan("data", "from-docs", HANDBOOK / "en", "--out", tmp_path / "z", "--questions", questions, "--top-k", "0")
     assert zero.returncode == 2 and "--top-k must be at least 1, got 0" in zero.stderr
+    sized = liandan("data", "from-docs", HANDBOOK / "en", "--out", tmp_path / "s", "--questions", questions,
+                    "--chunk-tokens", "100")
+    assert sized.returncode == 2 and "--chunk-tokens sizes plain text chunks" in sized.stderr
     plain = liandan("data", "from-docs", HANDBOOK / "en", "--out", data, "--overwrite")
     assert plain.returncode == 0, plain.stderr
     assert not (data / "docs-layout.json").exists()  # plain text chunks: no layout for the adapter to record

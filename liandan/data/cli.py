@@ -41,8 +41,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d.add_argument("source", help="A directory of documents (searched recursively) or one file")
     d.add_argument("--out", required=True, help="Output data directory (train.jsonl)")
     d.add_argument("--model", help="Model whose tokenizer counts chunk sizes (default: smollm2-135m)")
-    d.add_argument("--chunk-tokens", type=int, default=512, help="Maximum tokens per chunk (default 512)")
-    d.add_argument("--overlap", type=int, default=64, help="Tokens repeated when a paragraph is cut (default 64)")
+    d.add_argument("--chunk-tokens", type=int, default=None, help="Maximum tokens per chunk (default 512)")
+    d.add_argument("--overlap", type=int, default=None, help="Tokens repeated when a paragraph is cut (default 64)")
     d.add_argument("--questions", help="Q&A JSONL (prompt/completion): write retrieval-aware examples instead — each "
                    "question with its --top-k retrieved chunks (the relevant one and distractors) → the answer")
     d.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
@@ -134,13 +134,21 @@ def main(args: argparse.Namespace) -> int:
     if args.questions:
         from liandan.docs.qa import write_retrieval_data
 
+        ignored = [f for f, v in (("--chunk-tokens", args.chunk_tokens), ("--overlap", args.overlap), ("--model", args.model))
+                   if v is not None]
+        if ignored:  # the retrieved chunks are the index's, as --docs will retrieve them at question time
+            raise LiandanError(f"{ignored[0]} sizes plain text chunks; with --questions the chunks are the docs "
+                               "index's (as --docs retrieves them), so leave it out")
+
         write_retrieval_data(Path(args.source), Path(args.questions), Path(args.out), args.top_k, args.seed,
                              overwrite=args.overwrite)
         return 0
     from liandan.data.docs import from_docs
 
-    if args.chunk_tokens <= 0:
-        raise LiandanError(f"--chunk-tokens must be positive, got {args.chunk_tokens}")
-    from_docs(Path(args.source), Path(args.out), _tokenizer(args.model), args.chunk_tokens, args.overlap,
+    chunk_tokens = 512 if args.chunk_tokens is None else args.chunk_tokens
+    overlap = 64 if args.overlap is None else args.overlap
+    if chunk_tokens <= 0:
+        raise LiandanError(f"--chunk-tokens must be positive, got {chunk_tokens}")
+    from_docs(Path(args.source), Path(args.out), _tokenizer(args.model), chunk_tokens, overlap,
               overwrite=args.overwrite)
     return 0
