@@ -69,13 +69,18 @@ class GenerationResult:
     generation_seconds: float = 0.0
 
 
+def require_prompt(prompt_ids: list[int]) -> None:
+    """Every engine's first check: a model needs at least one token to continue from."""
+    if not prompt_ids:
+        raise LiandanError("the prompt is empty: there is no token to continue from")
+
+
 def stream(model, prompt_ids: list[int], max_tokens: int, stop_ids, device, temp: float = 0.0,
            top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None, result: GenerationResult | None = None):
     """Yield generated token ids one at a time (stop tokens are not yielded); fill `result` on the way."""
     result = result if result is not None else GenerationResult()
     result.prompt_tokens = len(prompt_ids)
-    if not prompt_ids:
-        raise LiandanError("the prompt is empty: there is no token to continue from")
+    require_prompt(prompt_ids)
     generator = make_generator(temp, seed)
     stop_ids = set(stop_ids)
     cache_arg = _cache_arg(model)

@@ -510,8 +510,6 @@ def main(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}/v1 (OpenAPI schema: /openapi.json)", flush=True)
     try:
         uvicorn.run(create_app(engine, name, args, docs), host=args.host, port=args.port, log_level="warning")
-    except OSError as exc:
-        raise LiandanError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     finally:
         engine.close()
     return 0

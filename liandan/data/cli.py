@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from liandan.data.docs import CHUNK_TOKENS, OVERLAP_TOKENS
 from liandan.data.formats import MAX_LINE_BYTES
 from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.docs.prompt import DEFAULT_TOP_K
@@ -41,8 +42,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d.add_argument("source", help="A directory of documents (searched recursively) or one file")
     d.add_argument("--out", required=True, help="Output data directory (train.jsonl)")
     d.add_argument("--model", help="Model whose tokenizer counts chunk sizes (default: smollm2-135m)")
-    d.add_argument("--chunk-tokens", type=int, default=None, help="Maximum tokens per chunk (default 512)")
-    d.add_argument("--overlap", type=int, default=None, help="Tokens repeated when a paragraph is cut (default 64)")
+    d.add_argument("--chunk-tokens", type=int, default=None, help=f"Maximum tokens per chunk (default {CHUNK_TOKENS})")
+    d.add_argument("--overlap", type=int, default=None,
+                   help=f"Tokens repeated when a paragraph is cut (default {OVERLAP_TOKENS})")
     d.add_argument("--questions", help="Q&A JSONL (prompt/completion): write retrieval-aware examples instead — each "
                    "question with its --top-k retrieved chunks (the relevant one and distractors) → the answer")
     d.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
@@ -145,8 +147,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     from liandan.data.docs import from_docs
 
-    chunk_tokens = 512 if args.chunk_tokens is None else args.chunk_tokens
-    overlap = 64 if args.overlap is None else args.overlap
+    chunk_tokens = CHUNK_TOKENS if args.chunk_tokens is None else args.chunk_tokens
+    overlap = OVERLAP_TOKENS if args.overlap is None else args.overlap
     if chunk_tokens <= 0:
         raise LiandanError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     from_docs(Path(args.source), Path(args.out), _tokenizer(args.model), chunk_tokens, overlap,

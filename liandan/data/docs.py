@@ -16,6 +16,7 @@ from pathlib import Path
 
 from liandan.errors import LiandanError
 
+CHUNK_TOKENS, OVERLAP_TOKENS = 512, 64  # `data from-docs` defaults, on the command line and in the studio
 SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html"}
 _HEADING = re.compile(r"^(#{1,6})\s+(.*\S)\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -197,6 +198,25 @@ def document_files(source: Path) -> list[Path]:
     return files
 
 
+def document_name(path: Path, source: Path) -> str:
+    """How a document is named in chunks, indexes and fingerprints: its path under the folder, or its file name."""
+    return str(path.relative_to(source)) if source.is_dir() else path.name
+
+
+def readable_documents(source: Path, files: list[Path], log=print) -> list[tuple[str, str]]:
+    """(name, text) of each file that reads as text; the others (not UTF-8, binary, unreadable) are skipped,
+    counted in one note."""
+    texts, skipped = [], []
+    for path in files:
+        try:
+            texts.append((document_name(path, source), read_document(path)))
+        except LiandanError as exc:
+            skipped.append(str(exc))
+    if skipped:
+        log(f"Skipped {len(skipped)} file(s) that are not readable UTF-8 text (first: {skipped[0]})")
+    return texts
+
+
 def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: int, log=print,
               overwrite: bool = False) -> int:
     from liandan.atomic import check_output
@@ -212,18 +232,9 @@ def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: in
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    records, skipped = [], []
-    for path in files:
-        relative = str(path.relative_to(source)) if source.is_dir() else path.name
-        try:
-            text = read_document(path)
-        except LiandanError as exc:  # as `docs index` does: skip the file, say so once below
-            skipped.append(str(exc))
-            continue
-        for title, chunk in chunk_document(text, count, chunk_tokens, overlap):
-            records.append({"text": chunk, "source": relative, "section": title})
-    if skipped:
-        log(f"Skipped {len(skipped)} file(s) that are not readable UTF-8 text (first: {skipped[0]})")
+    texts = readable_documents(source, files, log)
+    records = [{"text": chunk, "source": name, "section": title}
+               for name, text in texts for title, chunk in chunk_document(text, count, chunk_tokens, overlap)]
     if not records:
         raise LiandanError(f"{source}: no text in {len(files)} document file(s)")
     out.mkdir(parents=True, exist_ok=True)
@@ -231,5 +242,5 @@ def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: in
     if (out / LAYOUT_FILE).exists():  # left by an earlier --questions run: plain text has no docs layout
         (out / LAYOUT_FILE).unlink()
     log(f"Wrote {out / 'train.jsonl'}: {len(records)} chunk(s) of at most {chunk_tokens} tokens from "
-        f"{len(files) - len(skipped)} file(s)")
+        f"{len(texts)} file(s)")
     return len(records)

@@ -97,37 +97,29 @@ class Hit:
 
 def read_chunks(source: Path, log=print) -> tuple[list[Chunk], list[list], int]:
     """Chunks of every readable document under `source`, the files' fingerprints, and how many were skipped."""
-    from liandan.data.docs import chunk_document, document_files, read_document
+    from liandan.data.docs import chunk_document, document_files, readable_documents
 
     source = Path(source)
-    chunks, fingerprints, skipped = [], [], []
-    for path in document_files(source):
-        relative = str(path.relative_to(source)) if source.is_dir() else path.name
-        stat = path.stat()
-        fingerprints.append([relative, stat.st_size, stat.st_mtime_ns])
-        try:
-            text = read_document(path)
-        except LiandanError as exc:  # not UTF-8, binary or unreadable: skip the file, say so once below
-            skipped.append(str(exc))
-            continue
-        for title, body in chunk_document(text, count_words, CHUNK_WORDS, OVERLAP_WORDS):
-            chunks.append(Chunk(body, relative, title))
-    if skipped:
-        log(f"Skipped {len(skipped)} file(s) that are not readable UTF-8 text (first: {skipped[0]})")
+    files = document_files(source)
+    texts = readable_documents(source, files, log)
+    chunks = [Chunk(body, name, title)
+              for name, text in texts for title, body in chunk_document(text, count_words, CHUNK_WORDS, OVERLAP_WORDS)]
+    skipped = len(files) - len(texts)
     if not chunks:
-        raise LiandanError(f"{source}: no readable text in {len(fingerprints)} document file(s)"
-                           + (f" ({len(skipped)} not readable UTF-8 text)" if skipped else ""))
-    return chunks, fingerprints, len(skipped)
+        raise LiandanError(f"{source}: no readable text in {len(files)} document file(s)"
+                           + (f" ({skipped} not readable UTF-8 text)" if skipped else ""))
+    return chunks, fingerprints_of(source, files), skipped
 
 
-def fingerprints_of(source: Path) -> list[list]:
-    from liandan.data.docs import document_files
+def fingerprints_of(source: Path, files: list[Path] | None = None) -> list[list]:
+    """[name, size, mtime] of each document file (`files`, else those under `source`): what makes an index current."""
+    from liandan.data.docs import document_files, document_name
 
     source = Path(source)
     out = []
-    for path in document_files(source):
+    for path in files if files is not None else document_files(source):
         stat = path.stat()
-        out.append([str(path.relative_to(source)) if source.is_dir() else path.name, stat.st_size, stat.st_mtime_ns])
+        out.append([document_name(path, source), stat.st_size, stat.st_mtime_ns])
     return out
 
 

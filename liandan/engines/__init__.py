@@ -45,7 +45,8 @@ class Engine:
         from liandan.generate import context_size
 
         self.pipe = pipe
-        self.context = min(context_size(pipe), ctx_size) if ctx_size else context_size(pipe)
+        limit = context_size(pipe)  # may read config.json: once
+        self.context = min(limit, ctx_size) if ctx_size else limit
 
     def stream(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, result=None) -> Iterator[int]:
         """Yield generated ids (stop tokens are not yielded); fill `result` (a GenerationResult) on the way.

@@ -76,12 +76,11 @@ class LlamaEngine(Engine):
     def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None):
         import torch
 
-        from liandan.generate import GenerationResult, make_generator, sample_next
+        from liandan.generate import GenerationResult, make_generator, require_prompt, sample_next
 
         result = result if result is not None else GenerationResult()
         result.prompt_tokens = len(prompt_ids)
-        if not prompt_ids:  # llama.cpp would sample from whatever logits the slot holds from its last request
-            raise LiandanError("the prompt is empty: there is no token to continue from")
+        require_prompt(prompt_ids)  # else llama.cpp would sample the logits the slot holds from its last request
         if len(prompt_ids) >= self.context:
             raise LiandanError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.context}")
         generator = make_generator(sampling.temp, sampling.seed)

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from liandan.data.docs import CHUNK_TOKENS, OVERLAP_TOKENS
 from liandan.errors import LiandanError
 from liandan.export.quantize import OUTTYPES
 from liandan.studio import chat, data, evaluate, runs, ship
@@ -112,8 +113,8 @@ def _data_tab(workspace: Path) -> SimpleNamespace:
     with gr.Accordion("From documents: a folder of Markdown, text or HTML → text chunks", open=False):
         with gr.Row():
             t.docs = gr.Textbox(label="Documents folder", elem_id="docs-folder")
-            t.chunk_tokens = gr.Number(512, label="Chunk tokens", precision=0)
-            t.overlap = gr.Number(64, label="Overlap tokens", precision=0)
+            t.chunk_tokens = gr.Number(CHUNK_TOKENS, label="Chunk tokens", precision=0)
+            t.overlap = gr.Number(OVERLAP_TOKENS, label="Overlap tokens", precision=0)
             t.from_docs = gr.Button("Make training text", elem_id="from-docs")
     return t
 
