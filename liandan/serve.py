@@ -83,9 +83,11 @@ class Admission:
         return max(1, min(60, math.ceil(self.seconds * waiting / self.slots)))
 
 
-def text_pieces(engine, prompt_ids, max_tokens, sampling, stop: list[str], cancelled: threading.Event):
+def text_pieces(engine, prompt_ids, max_tokens, sampling, stop: list[str], cancelled: threading.Event,
+                stopping: threading.Event):
     """Text increments of one generation, cut at the first stop string, then a dict with the finish
-    reason and token counts. Returns early (closing the engine's stream) once `cancelled` is set."""
+    reason and token counts. Returns early (closing the engine's stream) once `cancelled` is set, and
+    raises a 503 once the server is `stopping`."""
     from liandan.generate import GenerationResult, TextStreamer
 
     result = GenerationResult()
@@ -96,6 +98,8 @@ def text_pieces(engine, prompt_ids, max_tokens, sampling, stop: list[str], cance
         for token in tokens:
             if cancelled.is_set():
                 return
+            if stopping.is_set():
+                raise APIError(503, "the server is shutting down", "server_shutting_down")
             text += streamer.add(token)
             cut = min((text.find(s) for s in stop if s in text), default=-1)
             if cut >= 0:
@@ -263,8 +267,8 @@ def internal_error(exc: BaseException) -> dict:
 class Service:
     """What one request needs: the engine, the admission counter and the defaults from the command line."""
 
-    def __init__(self, engine, name: str, args):
-        self.engine, self.name, self.args = engine, name, args
+    def __init__(self, engine, name: str, args, stopping: threading.Event):
+        self.engine, self.name, self.args, self.stopping = engine, name, args, stopping
         self.admission = Admission(engine.slots, args.max_queue)
 
     def check(self, req, prompt_ids: list[int]) -> int:
@@ -286,7 +290,7 @@ class Service:
                             args.seed if req.seed is None else req.seed)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return dict(engine=self.engine, prompt_ids=prompt_ids, max_tokens=self.check(req, prompt_ids),
-                    sampling=sampling, stop=[s for s in stop if s])  # an empty stop string would end every answer
+                    sampling=sampling, stop=[s for s in stop if s], stopping=self.stopping)  # an empty stop string would end every answer
 
     def admit(self) -> None:
         if not self.admission.enter():
@@ -309,8 +313,7 @@ async def answer(service: Service, req, encode, kind: str, request=None):
     except BaseException:
         service.admission.leave(0.0)
         raise
-    start_generation(service.admission, job, cancelled,
-                     lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+    start_generation(service.admission, job, cancelled, deliver_to(loop, items))
     splitter = splitter_for(service.engine.pipe.encoder) if kind == "chat" else None
     reply = Reply(service.name, kind, len(job["prompt_ids"]), splitter)
     if req.stream:
@@ -328,6 +331,19 @@ async def answer(service: Service, req, encode, kind: str, request=None):
         for task in (whole, gone):
             if task and not task.done():
                 task.cancel()
+
+
+def deliver_to(loop, items: asyncio.Queue):
+    """The `emit` of a generation thread: its items go to the request's event loop. After a forced shutdown
+    that loop may be closed while the thread finishes; nobody is left to read them, so they are dropped."""
+
+    def emit(item) -> None:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+        except RuntimeError:  # the event loop is closed
+            pass
+
+    return emit
 
 
 async def client_gone(request, every: float = 0.1) -> None:
@@ -394,7 +410,8 @@ class Reply:
                 yield _sse(self.envelope(obj, self.choice({"role": "assistant", "content": ""}, None, True)))
             while (item := await items.get()) is not None:
                 if isinstance(item, Exception):
-                    yield _sse(internal_error(item))
+                    yield _sse(error_body(item.message, "server_error", item.code) if isinstance(item, APIError)
+                               else internal_error(item))
                     break
                 if isinstance(item, dict):
                     if self.splitter is not None and (rest := self.delta("", final=True)):
@@ -414,12 +431,12 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine, name: str, args, docs=None):
+def create_app(engine, name: str, args, docs=None, stopping: threading.Event | None = None):
     """The ASGI application: FastAPI routes behind the Guard. `docs`: a DocsContext (--docs); chat questions
-    are then asked with their retrieved chunks."""
+    are then asked with their retrieved chunks. Once `stopping` is set, running generations end with a 503."""
     from fastapi import FastAPI, Request
 
-    service = Service(engine, name, args)
+    service = Service(engine, name, args, stopping or threading.Event())
     ChatRequest, CompletionRequest = request_models(args.max_tokens_limit)
     app = FastAPI(title="liandan", description="OpenAI-compatible API for a fine-tuned model", version="1")
     install_error_handlers(app)
@@ -489,8 +506,6 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from liandan.engines import engine_from_args
 
     check_serve_args(args)
@@ -508,8 +523,26 @@ def main(args: argparse.Namespace) -> int:
         docs = DocsContext.open(args.docs, engine.pipe.record, args.top_k)
     print(f"Serving '{name}' ({engine.kind}, {engine.slots} slot{'s' * (engine.slots > 1)}) on "
           f"http://{args.host}:{args.port}/v1 (OpenAPI schema: /openapi.json)", flush=True)
+    stopping = threading.Event()
     try:
-        uvicorn.run(create_app(engine, name, args, docs), host=args.host, port=args.port, log_level="warning")
+        run_server(create_app(engine, name, args, docs, stopping), args.host, args.port, stopping)
     finally:
         engine.close()
     return 0
+
+
+def run_server(app, host: str, port: int, stopping: threading.Event) -> None:
+    """uvicorn, where Ctrl-C (or SIGTERM) also sets `stopping`, which ends the running generations. uvicorn's
+    graceful shutdown waits for open connections, and a long stream would hold it for minutes, until a second
+    Ctrl-C forced it out with tracebacks and a generation thread possibly still using the model."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            stopping.set()
+            super().handle_exit(sig, frame)
+
+    try:
+        Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught once it has shut down: that is the normal end
+        pass

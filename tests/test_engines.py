@@ -154,3 +154,36 @@ def test_context_size_rule(tiny_llama):
     assert Engine(pipe).context == 512 and Engine(pipe, 4096).context == 512 and Engine(pipe, 100).context == 100
     with pytest.raises(LiandanError, match="no adapter found"):
         load_pipeline(None, "/nonexistent", load_weights=False)
+
+
+def test_llama_cpp_close_waits_for_running_generations(tiny_llama):
+    """Serve's shutdown closes the engine while generation threads may still decode: close() stops them at
+    their next token and frees the model only once every slot is back (freeing it under a decode crashes)."""
+    _llama_cpp()
+    import threading
+
+    from liandan.engines import Sampling, load_engine
+    from liandan.generate import prompt_ids_for
+
+    llama = load_engine("llama.cpp", str(tiny_llama), None, gguf_type="f32", slots=2)
+    ids = prompt_ids_for(llama.pipe, PROMPTS[1])
+    running = llama.stream(ids, 64, Sampling())
+    next(running)  # one generation holds a slot, suspended between two tokens
+    closer = threading.Thread(target=llama.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive()  # waiting for that slot; the model is still there
+    with pytest.raises(LiandanError, match="shutting down"):
+        next(running)  # the generation resumes, stops at its next token and hands its slot back
+    closer.join(10)
+    assert not closer.is_alive()
+    with pytest.raises(LiandanError, match="shutting down"):
+        list(llama.stream(ids, 4, Sampling()))  # no new generation after close
+    llama.close()  # twice is harmless
+
+    stuck = load_engine("llama.cpp", str(tiny_llama), None, gguf_type="f32")
+    held = stuck.stream(ids, 64, Sampling())
+    next(held)
+    stuck.close(wait=0.2)  # the slot never comes back in time: nothing is freed under it
+    with pytest.raises(LiandanError, match="shutting down"):
+        next(held)

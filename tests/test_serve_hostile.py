@@ -1,6 +1,7 @@
 """Hostile and careless clients against a real `liandan serve` process: every answer is JSON, nothing
 crashes the server, and it answers correctly afterwards (issue 15's server probes, issue 18's limits)."""
 
+import os
 import threading
 import time
 
@@ -178,3 +179,30 @@ def test_empty_prompt_long_stop_strings_and_unknown_paths(server):
     assert_error(post(server, {"model": "tiny", "prompt": "Hi", "stop": ["x"] * 17}), 400)
     assert_error(httpx.get(server.url + "/v1/chat/completions", headers=AUTH), 405)
     assert_error(post(server, {"input": "hi"}, path="/v1/embeddings"), 404)
+
+
+def test_ctrl_c_ends_running_streams_and_the_server_exits_cleanly(tiny_llama):
+    """One Ctrl-C stops the server promptly even while a long stream runs: the stream ends with a 503-style
+    error event and [DONE], the process exits 0 with no traceback (uvicorn alone waits for the stream to end,
+    and a second Ctrl-C then forced it out with tracebacks)."""
+    import signal
+
+    # Each token a little slower, so the stream is surely still running when the signal comes.
+    slow = ("import time, liandan.generate as g; _next = g.sample_next\n"
+            "g.sample_next = lambda *a, **k: (time.sleep(0.02), _next(*a, **k))[1]")
+    s = Server("--model", tiny_llama, "--model-name", "tiny", prelude=slow)
+    try:
+        with httpx.stream("POST", s.url + "/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": "Once upon a time", "max_tokens": 400, "stream": True}) as r:
+            lines = []
+            for line in filter(None, r.iter_lines()):
+                lines.append(line)
+                if len(lines) == 4:
+                    s.proc.send_signal(signal.SIGINT)
+        assert lines[-1] == "data: [DONE]" and '"code": "server_shutting_down"' in lines[-2], lines[-3:]
+        assert s.proc.wait(timeout=30) == 0
+        assert "Traceback" not in s.log(), s.log()
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+        os.unlink(s.output.name)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import threading
 import time
 
 from liandan.engines import LLAMA_INSTALL, Engine, Sampling
 from liandan.errors import LiandanError
 
 BATCH = 512  # prompt tokens per llama_decode call
+CLOSE_WAIT = 30.0  # seconds close() waits for running generations to hand their slots back
 
 
 def require_llama_cpp():
@@ -43,9 +45,12 @@ class LlamaEngine(Engine):
             self._load(rebuild=True)
         threads = max(1, cpu_count() // slots)
         self.free: queue.LifoQueue = queue.LifoQueue()  # last used first: its KV cache is the warmest
+        self.made = 0  # slots created: close() frees them all, once every one is back in `free`
+        self.closing = threading.Event()
         try:
             for _ in range(slots):
                 self.free.put(_Slot(self.model, self.lora, self.context, threads, exact=gguf_type == "f32"))
+                self.made += 1
         except ValueError:  # llama.cpp could not allocate a context (its KV cache)
             self.close()
             raise LiandanError(f"llama.cpp could not allocate {slots} context(s) of {self.context} tokens; "
@@ -85,13 +90,15 @@ class LlamaEngine(Engine):
             raise LiandanError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.context}")
         generator = make_generator(sampling.temp, sampling.seed)
         stop_ids = set(self.pipe.stop_ids)
-        slot = self.free.get()
+        slot = self._take_slot()
         try:
             start = time.perf_counter()
             logits = slot.prefill(prompt_ids)
             result.prompt_seconds = time.perf_counter() - start
             start = time.perf_counter()
             for _ in range(min(max_tokens, self.context - len(prompt_ids))):
+                if self.closing.is_set():
+                    raise LiandanError("the llama.cpp engine is shutting down")
                 token = sample_next(torch.from_numpy(logits), sampling.temp, sampling.top_p, sampling.min_p, generator)
                 if token in stop_ids:
                     result.stopped = True
@@ -103,10 +110,32 @@ class LlamaEngine(Engine):
         finally:
             self.free.put(slot)
 
-    def close(self) -> None:
+    def _take_slot(self) -> "_Slot":
+        while not self.closing.is_set():
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        raise LiandanError("the llama.cpp engine is shutting down")
+
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Stop the generations (each at its next token), wait for their slots, then free the contexts and
+        the model. A generation is a thread that may still be inside llama_decode when the server stops (a
+        forced Ctrl-C): freeing the model under it would crash the process, so if a slot is not back in time
+        the memory is left to the process's exit instead."""
         llama_cpp = require_llama_cpp()
-        while not self.free.empty():
-            self.free.get().close()
+        if self.closing.is_set():  # closed already (or closing in another thread)
+            return
+        self.closing.set()
+        deadline = time.monotonic() + wait
+        slots = []
+        try:
+            while len(slots) < self.made:
+                slots.append(self.free.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            return
+        for slot in slots:
+            slot.close()
         if self.lora:
             llama_cpp.llama_adapter_lora_free(self.lora)
             self.lora = None
