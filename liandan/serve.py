@@ -435,6 +435,7 @@ def create_app(engine, name: str, args, docs=None, stopping: threading.Event | N
     """The ASGI application: FastAPI routes behind the Guard. `docs`: a DocsContext (--docs); chat questions
     are then asked with their retrieved chunks. Once `stopping` is set, running generations end with a 503."""
     from fastapi import FastAPI, Request
+    from starlette.concurrency import run_in_threadpool
 
     service = Service(engine, name, args, stopping or threading.Event())
     ChatRequest, CompletionRequest = request_models(args.max_tokens_limit)
@@ -455,7 +456,8 @@ def create_app(engine, name: str, args, docs=None, stopping: threading.Event | N
         messages = [m.as_dict() for m in req.messages]
         if messages[-1]["role"] == "assistant":
             raise APIError(400, "the last message must not be the assistant's")
-        messages, sources = docs.apply(messages) if docs else (messages, None)
+        # In a worker thread: the search is fast, but a changed folder is re-indexed on the way (seconds).
+        messages, sources = await run_in_threadpool(docs.apply, messages) if docs else (messages, None)
         reply = await answer(service, req, lambda: engine.pipe.encoder.prompt_ids(messages), "chat", request)
         if sources is not None and isinstance(reply, dict):
             reply["sources"] = sources  # non-streamed replies only: an SSE chunk has no place for them

@@ -120,6 +120,24 @@ def test_prompt_layout_states_sources_and_replaces_only_the_last_question(tmp_pa
     assert asked[0]["content"].startswith("propellers?\n---\n<props.md> # Propellers")
 
 
+def test_a_long_running_docs_context_follows_edits_and_keeps_answering_when_a_rebuild_fails(tmp_path, monkeypatch):
+    """serve and chat run for hours: an edited document is searched within RECHECK_SECONDS, without a restart."""
+    import liandan.docs.prompt as prompt
+
+    docs, notes = make_docs(tmp_path / "docs"), []
+    context = prompt.DocsContext.open(docs, log=notes.append)
+    question = [{"role": "user", "content": "How many flights do the propellers last?"}]
+    assert "200 flights" in context.apply(question)[0][0]["content"]
+    (docs / "props.md").write_text("# Propellers\n\nCarbon propellers last 500 flights.\n")
+    assert "200 flights" in context.apply(question)[0][0]["content"]  # within RECHECK_SECONDS: not looked at yet
+    monkeypatch.setattr(prompt, "RECHECK_SECONDS", 0.0)
+    assert "500 flights" in context.apply(question)[0][0]["content"]
+    for path in docs.rglob("*.*"):
+        path.write_bytes(b"\xff\xfe\x00binary")  # nothing readable is left: the rebuild fails
+    assert "500 flights" in context.apply(question)[0][0]["content"]
+    assert notes and "cannot be indexed" in notes[-1] and "answering from the index as it was" in notes[-1]
+
+
 def test_layout_versions_and_system_placement(tmp_path):
     from liandan.docs.index import open_docs
     from liandan.docs.prompt import _V1, LAYOUT_VERSION, DocsContext, DocsLayout

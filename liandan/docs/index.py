@@ -197,7 +197,7 @@ class DocsIndex:
             return True
         try:
             return fingerprints_of(source) == self.manifest["files"]
-        except LiandanError:
+        except (LiandanError, OSError):  # OSError: a file removed between listing and stat
             return False
 
 

@@ -8,6 +8,8 @@ template), so the model sees at inference exactly the prompt shape it learned.
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import asdict, dataclass
 
 from liandan.errors import LiandanError
@@ -15,6 +17,9 @@ from liandan.errors import LiandanError
 DEFAULT_TOP_K = 3
 # --top-k of every command that reads a trained adapter's record (generate, chat, serve, eval, lora --test)
 TOP_K_HELP = f"Chunks per question with --docs (default: the trained layout's, else {DEFAULT_TOP_K})"
+# serve and chat run for hours while the documents are edited: --docs looks at the folder's files again at most
+# this often (a stat of each file, ~1 ms for 1,000 files) and rebuilds the index when one changed.
+RECHECK_SECONDS = 2.0
 LAYOUT_VERSION = 2  # bump when the default layout changes; records keep the one their adapter learned
 # Version 1, frozen here as recorded (the defaults below may change): records without "version" are version 1.
 _V1 = {"template": "Answer the question from these sources.\n\n{sources}\n\nQuestion: {question}",
@@ -102,28 +107,51 @@ def describe_sources(sources: list[dict]) -> str:
 
 
 class DocsContext:
-    """An open index with the layout and k to use: the one object the commands call for --docs."""
+    """An open index with the layout and k to use: the one object the commands call for --docs.
+    Opened from a path (`open`), it follows the files: see `current_index`."""
 
-    def __init__(self, index, layout: DocsLayout, top_k: int | None = None):
+    def __init__(self, index, layout: DocsLayout, top_k: int | None = None, path=None, log=None):
         self.index = index
         self.layout = layout
         self.top_k = top_k if top_k is not None else layout.top_k
         if self.top_k < 1:
             raise LiandanError(f"--top-k must be at least 1, got {self.top_k}")
+        self.path, self.log = path, log
+        self.checked = time.monotonic()
+        self.lock = threading.Lock()  # serve asks from several threads: one recheck (and rebuild) at a time
 
     @classmethod
     def open(cls, path, record: dict | None = None, top_k: int | None = None, log=None) -> "DocsContext":
         """--docs PATH with an adapter's record: its trained layout, else the default one."""
         from liandan.docs.index import note, open_docs
 
-        return cls(open_docs(path, log or note), DocsLayout.from_dict((record or {}).get("docs_layout")), top_k)
+        log = log or note
+        return cls(open_docs(path, log), DocsLayout.from_dict((record or {}).get("docs_layout")), top_k, path, log)
+
+    def current_index(self):
+        """The index, rebuilt (as --docs PATH would be at start) once a file of its folder changed, looked at
+        every RECHECK_SECONDS at most. A rebuild that fails (the folder emptied mid-edit) keeps the last index."""
+        from liandan.docs.index import open_docs
+
+        if self.path is None or time.monotonic() - self.checked < RECHECK_SECONDS:
+            return self.index
+        with self.lock:
+            if time.monotonic() - self.checked >= RECHECK_SECONDS:
+                try:
+                    if not self.index.is_current():
+                        self.index = open_docs(self.path, self.log)
+                except LiandanError as exc:
+                    self.log(f"Note: --docs {self.path} changed but cannot be indexed ({exc}); "
+                             "answering from the index as it was.")
+                self.checked = time.monotonic()
+        return self.index
 
     def apply(self, messages: list[dict]) -> tuple[list[dict], list[dict]]:
         """Messages with the last user turn replaced by the filled layout, and the sources used."""
         last = last_turn(messages, "user")
         if last is None:
             return list(messages), []
-        hits = self.index.search(messages[last].get("content") or "", self.top_k)
+        hits = self.current_index().search(messages[last].get("content") or "", self.top_k)
         return self.layout.place(messages, [h.chunk for h in hits]), sources_of(hits)
 
     def apply_to_file(self, data) -> None:
