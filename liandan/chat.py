@@ -43,6 +43,9 @@ def main(args: argparse.Namespace) -> int:
 
         docs = DocsContext.open(args.docs, pipe.record, args.top_k)
     interactive = sys.stdin.isatty()
+    if pipe.encoder.rendering.prompt_style == "raw":  # chat is turns in the chat template, whatever training saw
+        print("Note: this adapter was trained on plain text, not chat turns; chat wraps your messages in the chat "
+              "template. To continue text as it was trained, use `liandan generate -p TEXT`.", file=sys.stderr, flush=True)
     print(f"liandan chat — {HELP}", flush=True)
     history: list[dict] = []
     while True:

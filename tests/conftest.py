@@ -60,9 +60,9 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def liandan(*args, cwd=None, timeout=600):
-    """Run the real CLI in a subprocess; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable, "-m", "liandan", *map(str, args)], cwd=cwd, capture_output=True,
+def liandan(*args, cwd=None, timeout=600, input=None):
+    """Run the real CLI in a subprocess (`input`: its stdin); returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable, "-m", "liandan", *map(str, args)], cwd=cwd, capture_output=True, input=input,
                           text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 

@@ -181,6 +181,8 @@ def test_mixed_formats_train_on_documents_validate_on_questions(tmp_path, tiny_l
                                adapter_path=str(tmp_path / "a"))), log=logs.append)
     assert any(l.startswith("Iter 2: Val loss") for l in logs)
     assert json.loads((tmp_path / "a" / "liandan.json").read_text())["rendering"]["prompt_style"] == "raw"
+    chat = liandan("chat", "--adapter-path", tmp_path / "a", "-m", "2", input="/exit\n")
+    assert chat.returncode == 0 and "trained on plain text" in chat.stderr and "liandan generate" in chat.stderr
 
 
 def test_shipped_jokes_check_cleanly_except_the_seeds_own_leakage(encoder):
