@@ -122,6 +122,11 @@ def save_adapter_files(model, directory: Path, record: dict, weights: dict | Non
     atomic_write_text(directory / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
 
 
+def holds_adapter(directory: Path) -> bool:
+    """Whether a training run already left its adapter (or record) here: a new run must not replace it unasked."""
+    return any((Path(directory) / name).exists() for name in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS))
+
+
 def read_record(directory: Path, required: bool = True) -> dict:
     """The record in an adapter or fused model directory; {} when there is none and `required` is False."""
     path = Path(directory) / RECORD

@@ -43,13 +43,13 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | os.PathLike, keep_others: bool = False):
+def atomic_dir(target: str | os.PathLike, keep_others=False):
     """Yield a temporary directory; on success it replaces `target` as a whole.
 
     An existing `target` is moved aside first and removed only after the new one is in
     place, so at every moment either the old or the new complete directory exists. With
-    `keep_others`, entries of the old directory that the new one does not have (files the
-    user kept there) are moved into the new one instead of being removed.
+    `keep_others` (True, or a test of an entry's name), entries of the old directory that the new
+    one does not have (files the user kept there) are moved into the new one instead of being removed.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,16 +65,16 @@ def atomic_dir(target: str | os.PathLike, keep_others: bool = False):
         os.replace(tmp, target)
         if old is not None:
             if keep_others:
-                _carry_over(old, target)
+                _carry_over(old, target, keep_others if callable(keep_others) else lambda name: True)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _carry_over(old: Path, new: Path) -> None:
+def _carry_over(old: Path, new: Path, keep) -> None:
     for entry in old.iterdir():
-        if not os.path.lexists(new / entry.name):
+        if keep(entry.name) and not os.path.lexists(new / entry.name):
             try:
                 os.replace(entry, new / entry.name)
             except OSError as exc:

@@ -23,14 +23,15 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--adapter-path", default="adapters", help="Adapter directory (default: adapters)")
     parser.add_argument("--save-path", default="fused_model", help="Where to write the fused model (default: fused_model)")
     parser.add_argument("--export-gguf", action="store_true", help="Also write a GGUF file for llama.cpp / Ollama")
-    parser.add_argument("--gguf-path", default=None, help="GGUF file (default: SAVE_PATH/ggml-model-f16.gguf)")
+    parser.add_argument("--gguf-path", default=None, help="GGUF file (default: SAVE_PATH/ggml-model-OUTTYPE.gguf)")
     parser.add_argument("--outtype", default="f16", help=f"GGUF tensor type: {OUTTYPE_HELP} (default f16)")
     parser.add_argument("--dequantize", action="store_true",
                         help="Accepted for mlx_lm compatibility: liandan always fuses into dequantized weights")
     parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
     parser.add_argument("--overwrite", action="store_true",
-                        help="Replace an existing --save-path / --gguf-path (other files in --save-path are kept)")
+                        help="Replace an existing --save-path / --gguf-path (other files in --save-path are kept, "
+                             "but not the old model's weights and GGUFs)")
     return parser
 
 
@@ -66,12 +67,18 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
         model.to(save_dtype)
     fused_record = dict(record, base_model=str(model_spec), fused_from=str(adapter_path.resolve()),
                         rendering=rendering.to_dict())
-    with atomic_dir(save_path, keep_others=True) as tmp:
+    with atomic_dir(save_path, keep_others=not_weights) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECORD).write_text(json.dumps(fused_record, indent=2, ensure_ascii=False), encoding="utf-8")
     log(f"Saved the fused model to {save_path}")
     return fused_record
+
+
+def not_weights(name: str) -> bool:
+    """Files of an earlier fused model that --overwrite does not carry into the new one: its weights (a shard the
+    new model lacks would be read as part of it) and GGUFs made from them; other files the user kept stay."""
+    return not (name.endswith((".safetensors", ".gguf", ".bin", ".pt", ".pth")) or name.endswith(".index.json"))
 
 
 def _saved_dtype(model_dir: Path):
@@ -84,6 +91,7 @@ def _saved_dtype(model_dir: Path):
 
 
 def main(args: argparse.Namespace) -> int:
+    from liandan.adapters import read_record
     from liandan.data.render import Rendering
     from liandan.export.gguf import export_gguf
     from liandan.atomic import check_output
@@ -94,7 +102,9 @@ def main(args: argparse.Namespace) -> int:
     if args.export_gguf:
         args.outtype = usable_outtype(args.outtype)  # a bad --outtype stops before the merge, not after it
         if args.gguf_path:
-            check_output(args.gguf_path, "--gguf-path", {"--adapter-path": Path(args.adapter_path)}, args.overwrite)
+            base = args.model or read_record(Path(args.adapter_path)).get("base_model")
+            check_output(args.gguf_path, "--gguf-path", {"--adapter-path": Path(args.adapter_path),
+                                                         "--model": Path(base) if base else None}, args.overwrite)
     record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code,
                   overwrite=args.overwrite, chat_template=args.chat_template)
     if args.export_gguf:

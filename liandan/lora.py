@@ -194,7 +194,7 @@ def run(cfg: TrainConfig, log=print, dist=None) -> int:
 def prepare_adapter_dir(cfg: TrainConfig, dist, log) -> AdapterTarget:
     """Training: find the checkpoint to --resume, or refuse to replace another run's adapter, and check that
     checkpoints can be written. Test only: read the adapter's record (its base model is the default --model)."""
-    from liandan.adapters import FULL_WEIGHTS, PEFT_WEIGHTS, RECORD, read_record
+    from liandan.adapters import holds_adapter, read_record
 
     adapter_dir = Path(cfg.adapter_path)
     if not cfg.train:
@@ -205,7 +205,7 @@ def prepare_adapter_dir(cfg: TrainConfig, dist, log) -> AdapterTarget:
     resume_from = None
     if cfg.resume:
         resume_from = _checkpoint_to_resume(cfg, adapter_dir, log)
-    elif any((adapter_dir / f).exists() for f in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS)) and not cfg.overwrite:
+    elif holds_adapter(adapter_dir) and not cfg.overwrite:
         raise LiandanError(f"{adapter_dir} already holds an adapter from another run; pass --resume to continue it, "
                            "--overwrite to replace it, or choose another --adapter-path")
     elif cfg.overwrite and dist.is_main:

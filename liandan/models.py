@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -73,6 +74,23 @@ def resolve_model(spec: str | None) -> Path:
         f"model '{spec}' not found: it is not a directory, a .gguf file, a Hub id (org/name) "
         f"or an embedded model ({', '.join(EMBEDDED_MODELS)})"
     )
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files that hold a model's weights, as transformers reads them: the files its
+    model.safetensors.index.json names, else model.safetensors, else every *.safetensors but Mistral's
+    consolidated*.safetensors (the same weights again, in another layout)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise LiandanError(f"{index}: not a safetensors index (no weight_map)") from None
+        return [model_dir / name for name in sorted(names)]
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    return [p for p in sorted(model_dir.glob("*.safetensors")) if not p.name.startswith("consolidated")]
 
 
 def check_model_dir(path: Path) -> None:
@@ -141,6 +159,7 @@ def _download(repo_id: str) -> Path:
         path = snapshot_download(
             repo_id,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
+            ignore_patterns=["consolidated*"],  # Mistral's second copy of the weights: transformers reads the shards
         )
     except Exception as exc:
         raise LiandanError(

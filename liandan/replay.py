@@ -158,12 +158,14 @@ def greedy_answers(model, prompts_ids: list[list[int]], max_new_tokens: int, sto
 # ---------------------------------------------------------------- cache
 def model_fingerprint(model_dir: Path) -> str:
     """Identifies a model directory's weights: its config plus the names, sizes and times of its weight files."""
+    from liandan.models import weight_files
+
     model_dir = Path(model_dir)
     h = hashlib.sha256(str(model_dir.resolve()).encode())
     config = model_dir / "config.json"
     if config.is_file():
         h.update(config.read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
+    for f in weight_files(model_dir):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()

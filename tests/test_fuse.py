@@ -75,11 +75,46 @@ def test_lora_gguf_in_llama_cpp_matches_peft(trained, tiny_llama, tmp_path):
 
 def test_studio_ship_tab_fuses_and_exports_twice(trained, tmp_path):
     """The Ship tab's functions (the page calls exactly these): fuse, GGUF, Ollama; a second export replaces the first."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from liandan.studio import ship
 
-    ship.fuse_run(trained / "adapters", tmp_path)
+    adapter, out = tmp_path / "run", tmp_path / "ship"
+    shutil.copytree(trained / "adapters", adapter)
+    for _ in range(2):  # Fuse twice: the second replaces the first (the ship folder is the studio's)
+        ship.fuse_run(adapter, out)
     for _ in range(2):
-        gguf = ship.export_gguf(tmp_path, "f16")
-        modelfile, model_gguf, command = ship.export_ollama(tmp_path, "tiny", "q8_0")
+        gguf = ship.export_gguf(ship.fused_for(adapter, out), "f16")
+        modelfile, model_gguf, command = ship.export_ollama(ship.fused_for(adapter, out), "tiny", "q8_0")
     assert gguf.read_bytes()[:4] == b"GGUF" == model_gguf.read_bytes()[:4]
     assert "FROM ./tiny.gguf" in modelfile.read_text(encoding="utf-8") and command.startswith("ollama create tiny -f ")
+    fused_weights = ship.fused_dir(out) / "model.safetensors"
+    before = fused_weights.read_bytes()
+    ship.fused_for(adapter, out)
+    assert fused_weights.read_bytes() == before  # unchanged adapter: not fused again
+    weights = load_file(str(adapter / "adapter_model.safetensors"))  # the run trained on: new weights
+    save_file({k: v * 2 for k, v in weights.items()}, str(adapter / "adapter_model.safetensors"))
+    ship.fused_for(adapter, out)
+    assert fused_weights.read_bytes() != before  # exports now come from the new weights, not the stale fuse
+
+
+def test_fuse_overwrite_drops_the_old_models_weights_and_never_replaces_the_base(trained, tiny_llama, tmp_path):
+    out = tmp_path / "fused"
+    assert liandan("fuse", "--adapter-path", trained / "adapters", "--save-path", out).returncode == 0
+    (out / "model-00001-of-00002.safetensors").write_bytes((out / "model.safetensors").read_bytes())  # an older,
+    (out / "model.safetensors.index.json").write_text("{}")  # sharded model's files
+    (out / "old.gguf").write_bytes(b"GGUF")
+    (out / "notes.txt").write_text("mine")
+    result = liandan("fuse", "--adapter-path", trained / "adapters", "--save-path", out, "--overwrite", "--export-gguf")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("*.safetensors*")) == ["model.safetensors"] and not (out / "old.gguf").exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "ggml-model-f16.gguf").is_file()
+    base = tmp_path / "base.gguf"
+    assert liandan("export", "gguf", "--model", tiny_llama, "--outfile", base, "--outtype", "f32").returncode == 0
+    before = base.read_bytes()
+    result = liandan("fuse", "--adapter-path", trained / "adapters", "--model", base, "--save-path", tmp_path / "f2",
+                     "--export-gguf", "--gguf-path", base, "--overwrite")
+    assert result.returncode == 2 and "--gguf-path" in result.stderr and "--model" in result.stderr
+    assert base.read_bytes() == before

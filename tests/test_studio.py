@@ -94,6 +94,10 @@ def test_a_run_survives_its_page_stops_with_a_checkpoint_and_resumes(tiny_llama,
     runs.start(adapters, options)
     try:
         check_stop_and_resume(adapters)
+        log, record = (adapters / runs.LOG_FILE).read_bytes(), runs.read_run(adapters)
+        with pytest.raises(LiandanError, match="already holds an adapter"):  # Start again, not Resume
+            runs.start(adapters, dict(options, iters=50))
+        assert (adapters / runs.LOG_FILE).read_bytes() == log and runs.read_run(adapters) == record  # untouched
     finally:
         if runs.is_running(adapters):
             os.kill(runs.read_run(adapters)["pid"], signal.SIGKILL)

@@ -83,8 +83,10 @@ def content_hash(adapter: Path) -> str:
 def _dir_key(model_dir: Path) -> str:
     """A model directory's identity: its path and the size and mtime of its weights and config
     (hashing gigabytes of base weights at every start would cost more than the conversion saves)."""
+    from liandan.models import weight_files
+
     parts = [str(model_dir.resolve())]
-    for path in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
+    for path in weight_files(model_dir) + [model_dir / "config.json"]:
         stat = path.stat()
         parts.append(f"{path.name}|{stat.st_size}|{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]

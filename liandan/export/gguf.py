@@ -252,7 +252,9 @@ def _sentencepiece_vocab(path: Path, vocab_size: int, tokenizer) -> Vocab:
 def iter_tensors(model_dir: Path):
     from safetensors import safe_open
 
-    files = sorted(model_dir.glob("*.safetensors"))
+    from liandan.models import weight_files
+
+    files = weight_files(model_dir)
     if not files:
         raise LiandanError(f"{model_dir}: no *.safetensors weights")
     for path in files:

@@ -418,9 +418,7 @@ def _ship_tab(workspace: Path, train: SimpleNamespace) -> None:
         return workspace / "ship" / _run_dir(workspace, run).name
 
     def fused(run):
-        if not (ship.fused_dir(ship_dir(run)) / "liandan.json").is_file():
-            ship.fuse_run(_run_dir(workspace, run), ship_dir(run))
-        return ship_dir(run)
+        return ship.fused_for(_run_dir(workspace, run), ship_dir(run))
 
     def on_fuse(run):
         return ship.fuse_run(_run_dir(workspace, run), ship_dir(run))

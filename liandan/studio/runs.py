@@ -49,9 +49,14 @@ def lora_flags(options: dict) -> list[str]:
 
 def start(adapter_dir: Path, options: dict, resume: bool = False) -> int:
     """Start `liandan lora --train` in its own session, so closing the page (or the studio) does not stop it."""
+    from liandan.adapters import holds_adapter
+
     adapter_dir = Path(adapter_dir)
     if is_running(adapter_dir):
         raise LiandanError(f"{adapter_dir}: a run is already going there; stop it first")
+    if not resume and not options.get("overwrite") and holds_adapter(adapter_dir):  # before its log and options change
+        raise LiandanError(f"{adapter_dir} already holds an adapter from another run; resume it, tick 'Replace the "
+                           "adapter already in this run's folder', or choose another run name")
     options = dict(options, train=True, adapter_path=str(adapter_dir))
     flags = lora_flags({k: v for k, v in options.items() if not (resume and k == "overwrite")})
     command = [sys.executable, "-m", "liandan", "lora", *flags, *(["--resume"] if resume else [])]

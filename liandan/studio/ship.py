@@ -3,22 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shlex
 from pathlib import Path
 
 from liandan.errors import LiandanError
 
 
+FUSED_FROM = "fused-from.txt"  # in the ship folder: the adapter (weights and record) the fused model was made from
+
+
 def fused_dir(ship_dir: Path) -> Path:
     return Path(ship_dir) / "fused_model"
 
 
+def adapter_key(adapter_dir: Path) -> str:
+    """What a fused model depends on: the adapter's weights and its record (rendering, base model)."""
+    from liandan.adapters import RECORD
+    from liandan.engines.gguf_cache import content_hash
+
+    record = Path(adapter_dir) / RECORD
+    return content_hash(Path(adapter_dir)) + (hashlib.sha256(record.read_bytes()).hexdigest()[:16]
+                                              if record.is_file() else "")
+
+
 def fuse_run(adapter_dir: Path, ship_dir: Path) -> str:
+    """Fuse the run's adapter into the ship folder, replacing an earlier fuse: the folder is the studio's own."""
+    from liandan.atomic import atomic_write_text
     from liandan.fuse import fuse
 
     said = []
-    fuse(None, Path(adapter_dir), fused_dir(ship_dir), log=said.append)
+    key = adapter_key(adapter_dir)
+    fuse(None, Path(adapter_dir), fused_dir(ship_dir), log=said.append, overwrite=True)
+    atomic_write_text(Path(ship_dir) / FUSED_FROM, key)
     return "\n".join(said)
+
+
+def fused_for(adapter_dir: Path, ship_dir: Path) -> Path:
+    """The ship folder, its fused model made from the adapter as it is now: fused (again) when it never was, or
+    when the run has trained on (or was retrained) since, so an export never ships older weights."""
+    marker = Path(ship_dir) / FUSED_FROM
+    current = (fused_dir(ship_dir) / "liandan.json").is_file() and marker.is_file()
+    if not current or marker.read_text(encoding="utf-8") != adapter_key(adapter_dir):
+        fuse_run(adapter_dir, ship_dir)
+    return Path(ship_dir)
 
 
 def _fused(ship_dir: Path) -> Path:
@@ -50,7 +78,7 @@ def export_ollama(ship_dir: Path, name: str, outtype: str) -> tuple[Path, Path, 
 
 def _export_args(*argv) -> argparse.Namespace:
     """`liandan export ARGV` parsed by the CLI's own parser: every option gets the CLI's default. The page's
-    exports replace the previous ones of the same run (the fused model they come from was just rebuilt)."""
+    exports replace the previous ones of the same run (made from the same or an older fused model)."""
     from liandan.export.cli import build_parser
 
     return build_parser(argparse.ArgumentParser(prog="liandan export")).parse_args([str(a) for a in argv])
