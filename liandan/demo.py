@@ -11,6 +11,8 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from liandan.errors import LiandanError
+
 QUESTIONS_FILE = "train.jsonl"
 # --protect-directions for a demo of 200 iterations or more: it keeps the capital of France and 149-154 of 158
 # general answers instead of 143-148, and still learns all six jokes in 200 iterations (3 seeds); with fewer it
@@ -30,6 +32,23 @@ def example_dir(name: str = "jokes") -> Path:
     return Path(str(resources.files("liandan") / "examples" / name))
 
 
+def check_demo_dir(out: Path) -> None:
+    """The demo replaces only an earlier demo's run: --out may hold nothing but data/ with the shipped files and
+    adapters/. Anything else is the user's, and the demo would overwrite their data and adapter."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LiandanError(f"--out {out} is a file; choose a folder for the demo")
+    shipped = {f"{split}.jsonl" for split in ("train", "valid", "test")}
+    for entry in out.iterdir():
+        if entry.name not in ("data", "adapters"):
+            raise LiandanError(f"--out {out} holds {entry.name}, so it is not an earlier demo's folder; choose another --out")
+    for path in (out / "data").iterdir() if (out / "data").is_dir() else ():
+        if path.name not in shipped or path.read_bytes() != (example_dir() / path.name).read_bytes():
+            raise LiandanError(f"{path} is not the demo's own data; choose another --out (the demo writes data/ and "
+                               "adapters/ there)")
+
+
 def main(args: argparse.Namespace) -> int:
     from liandan.config import load_config
     from liandan.data.formats import read_jsonl
@@ -39,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data_dir = out / "data"
     adapter_dir = out / "adapters"
+    check_demo_dir(out)
     data_dir.mkdir(parents=True, exist_ok=True)
     for split in ("train", "valid", "test"):
         shutil.copyfile(example_dir() / f"{split}.jsonl", data_dir / f"{split}.jsonl")

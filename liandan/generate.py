@@ -282,11 +282,23 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def read_prompt(prompt: str) -> str:
+    """-p TEXT, or stdin for "-": UTF-8 text, else one line (the tokenizer would fail on undecodable bytes)."""
+    try:
+        if prompt == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        prompt.encode("utf-8")  # argv's undecodable bytes arrive as surrogates, which do not encode
+        return prompt
+    except UnicodeError as exc:
+        where = "stdin" if prompt == "-" else "-p"
+        raise LiandanError(f"{where}: the prompt is not UTF-8 text (at position {exc.start})") from None
+
+
 def main(args: argparse.Namespace) -> int:
     from liandan.engines import engine_from_args
 
     check_inference_args(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     engine = engine_from_args(args)
     sources = None
     if args.docs:

@@ -312,6 +312,7 @@ def test_document_files_skip_hidden_and_package_folders(tmp_path):
 def test_relevance_accepts_synth_heading_paths_and_bom_question_files(tmp_path):
     from liandan.docs.index import Chunk
     from liandan.docs.qa import QA, is_relevant, read_questions
+    from liandan.errors import LiandanError
 
     chunk = Chunk("# Battery > Storage\n\nStore the battery at 40 percent.", "guide/battery.md", "Battery > Storage")
     for section in ("Storage", "Battery > Storage"):  # by hand / as `data synth` writes it
@@ -320,6 +321,9 @@ def test_relevance_accepts_synth_heading_paths_and_bom_question_files(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_bytes('{"prompt": "How to store it?", "completion": "40 percent", "section": "Storage"}\n'.encode("utf-8-sig"))
     assert read_questions(path)[0].section == "Storage"
+    path.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q", "completion": "a", "section": 3}\n')
+    with pytest.raises(LiandanError, match=r'qa.jsonl:2: "section" must be text'):
+        read_questions(path)
 
 
 def test_from_docs_never_replaces_questions_or_data_without_overwrite(tmp_path):

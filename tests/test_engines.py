@@ -187,3 +187,25 @@ def test_llama_cpp_close_waits_for_running_generations(tiny_llama):
     stuck.close(wait=0.2)  # the slot never comes back in time: nothing is freed under it
     with pytest.raises(LiandanError, match="shutting down"):
         next(held)
+
+
+def test_both_engines_keep_to_the_context_and_refuse_undecodable_prompts(tiny_llama):
+    """--ctx-size holds for the torch engine as for llama.cpp: a prompt that fills it is one line, and the answer
+    stops where the context ends; a prompt that is not UTF-8 (stdin or argv) is one line, not an internal error."""
+    from liandan.engines import Sampling, load_engine
+    from liandan.generate import GenerationResult
+
+    engine = load_engine("torch", str(tiny_llama), None, ctx_size=20)
+    with pytest.raises(LiandanError, match="the prompt has 25 tokens; the context is 20"):
+        list(engine.stream(list(range(5, 30)), 8, Sampling()))
+    result = GenerationResult()
+    list(engine.stream(list(range(5, 20)), 50, Sampling(), result))
+    assert len(result.tokens) + result.stopped <= 5  # 15 prompt tokens + at most 5 new ones
+    long_prompt = liandan("generate", "--model", tiny_llama, "--ctx-size", "16", "-m", "30", "-p", "word " * 40)
+    assert long_prompt.returncode == 2 and "the context is 16" in long_prompt.stderr, long_prompt.stderr
+    piped = subprocess.run([sys.executable, "-m", "liandan", "generate", "--model", str(tiny_llama), "-p", "-"],
+                           input=b"hi \xff\xfe there", capture_output=True, timeout=300)
+    assert piped.returncode == 2 and b"stdin: the prompt is not UTF-8 text (at position 3)" in piped.stderr
+    argv = subprocess.run([sys.executable, "-m", "liandan", "generate", "--model", str(tiny_llama), "-p", b"hi \xff"],
+                          capture_output=True, timeout=300)
+    assert argv.returncode == 2 and b"-p: the prompt is not UTF-8 text" in argv.stderr, argv.stderr

@@ -65,5 +65,7 @@ def test_load_splits(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}])
     splits = load_splits(tmp_path)
     assert splits["train"].format == "text" and splits["valid"] is None
-    with pytest.raises(LiandanError, match="not a directory"):
+    with pytest.raises(LiandanError, match="no such directory"):
         load_splits(tmp_path / "nope")
+    with pytest.raises(LiandanError, match="not a directory"):
+        load_splits(tmp_path / "train.jsonl")

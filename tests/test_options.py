@@ -5,7 +5,7 @@ from dataclasses import fields, is_dataclass
 import re
 
 import pytest
-from conftest import liandan
+from conftest import liandan, write_jsonl
 
 from liandan import lora as lora_command
 from liandan.cli import main as cli_main
@@ -129,3 +129,26 @@ def test_the_real_cli_refuses_before_loading(tmp_path):
         result = liandan("lora", "--train", "--adapter-path", tmp_path / "a", *args)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert "Loading" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_demo_replaces_only_an_earlier_demo(tmp_path):
+    import shutil
+
+    from liandan.demo import check_demo_dir, example_dir
+    from liandan.errors import LiandanError
+
+    earlier = tmp_path / "earlier"
+    (earlier / "adapters").mkdir(parents=True)
+    shutil.copytree(example_dir(), earlier / "data")
+    check_demo_dir(earlier)  # a rerun replaces its own data and adapter
+    mine = tmp_path / "mine"
+    write_jsonl(mine / "data" / "train.jsonl", [{"prompt": "my", "completion": "data"}])
+    before = (mine / "data" / "train.jsonl").read_bytes()
+    with pytest.raises(LiandanError, match="is not the demo's own data"):
+        check_demo_dir(mine)
+    result = liandan("demo", "--out", mine)
+    assert result.returncode == 2 and "choose another --out" in result.stderr
+    assert (mine / "data" / "train.jsonl").read_bytes() == before
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(LiandanError, match="holds notes.txt"):
+        check_demo_dir(earlier)

@@ -143,6 +143,9 @@ def test_lora_adapters_are_not_quantized(tmp_path):
 
     with pytest.raises(LiandanError, match="a LoRA adapter GGUF is written in f32, f16 or bf16"):
         export_lora_gguf(tmp_path, tmp_path / "lora.gguf", "q4_k_m")
+    for q8 in ("q8_0", "Q8_0"):  # refused too, not written as f16 under another name
+        with pytest.raises(LiandanError, match="a LoRA adapter GGUF is written in f32, f16 or bf16"):
+            export_lora_gguf(tmp_path, tmp_path / "lora.gguf", q8)
 
 
 def test_llama_cpp_perplexity_is_liandans_validation_perplexity(tiny_llama_k, tmp_path):

@@ -123,3 +123,18 @@ def test_tools_format_renders_tool_calls(qwen_tokenizer):
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Hangzhou"}}\n</tool_call><|im_end|>' in text
     assert text.endswith("It is sunny.<|im_end|>")
     assert "# Tools" in qwen_tokenizer.decode(enc.input_ids) and "sunny" not in text.replace("It is sunny.", "")
+
+
+def test_a_tokenizer_with_several_named_templates_trains_in_its_own(qwen_tokenizer):
+    """Hermes 2 Pro and Command R+ ship "default" and "tool_use" templates (a dict in transformers): chats train in
+    "default", tools data in "tool_use", as apply_chat_template picks; never the plain fallback."""
+    own = qwen_tokenizer.chat_template
+    tool_use = own + "{# tool_use #}"
+    qwen_tokenizer.chat_template = {"default": own, "tool_use": tool_use}
+    try:
+        assert make_rendering(qwen_tokenizer).chat_template == own
+        assert make_rendering(qwen_tokenizer, tools=True).chat_template == tool_use
+        qwen_tokenizer.chat_template = {"tool_use": tool_use}  # one template, whatever its name
+        assert make_rendering(qwen_tokenizer).chat_template == tool_use
+    finally:
+        qwen_tokenizer.chat_template = own

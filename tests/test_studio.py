@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOKES, write_jsonl
+from conftest import JOKES, liandan, write_jsonl
 
 import browser
 from liandan.errors import LiandanError
@@ -64,6 +64,20 @@ def test_bad_table_upload_reports_file_and_line_and_writes_nothing(tmp_path):
     shutil.rmtree(staging)
 
 
+def test_an_upload_never_replaces_a_data_folder(tmp_path):
+    from liandan.studio import data
+
+    write_jsonl(tmp_path / "up" / "train.jsonl", ROWS)
+    out = tmp_path / "workspace" / "data" / "uploaded"
+    data.save_split_dir(data.stage([str(tmp_path / "up" / "train.jsonl")]), out)
+    (out / "my_notes.txt").write_text("mine")
+    before = (out / "train.jsonl").read_bytes()
+    write_jsonl(tmp_path / "up" / "train.jsonl", ROWS[:1])
+    with pytest.raises(LiandanError, match="already holds data; choose another data name"):
+        data.save_split_dir(data.stage([str(tmp_path / "up" / "train.jsonl")]), out)
+    assert (out / "train.jsonl").read_bytes() == before and (out / "my_notes.txt").read_text() == "mine"
+
+
 def test_rendered_examples_highlight_only_the_trained_answer(tiny_llama, tmp_path):
     from liandan.studio import data
 
@@ -72,6 +86,11 @@ def test_rendered_examples_highlight_only_the_trained_answer(tiny_llama, tmp_pat
     trained = shown.split('<mark class="trained">')[1].split("</mark>")[0]
     assert trained.startswith("德哥") and "谁是" not in trained  # the answer and its stop token, not the question
     assert "谁是最帅的地球人" in shown and "train.jsonl:1" in shown
+    chats = [{"messages": [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "hm"}]},
+             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}]
+    write_jsonl(tmp_path / "chats.jsonl", chats)
+    shown = data.rendered_examples(tmp_path / "chats.jsonl", str(tiny_llama))  # one that cannot render: said in its place
+    assert "chats.jsonl:1</div><pre>✗ " in shown and "chats.jsonl:2" in shown and '<mark class="trained">Hello' in shown
 
 
 def wait_for(condition, timeout, what):
@@ -132,13 +151,16 @@ def test_api_key_guards_the_page(tmp_path):
 
     if browser.missing_gradio():
         pytest.skip("needs gradio: pip install -e '.[studio]'")
-    server = browser.Studio(tmp_path / "workspace", tmp_path / "studio.log", "--api-key", "s3cret")
+    server = browser.Studio(tmp_path / "workspace", tmp_path / "studio.log", "--api-key", "s3cret钥匙")
     try:
         with httpx.Client(base_url=server.url) as client:
             assert client.get("config").status_code == 401
             assert client.post("login", data={"username": "me", "password": "wrong"}).status_code == 400
-            assert client.post("login", data={"username": "me", "password": "s3cret"}).status_code == 200
+            assert client.post("login", data={"username": "me", "password": "密码"}).status_code == 400  # not a 500
+            assert client.post("login", data={"username": "me", "password": "s3cret钥匙"}).status_code == 200
             assert client.get("config").status_code == 200  # with the session cookie
+        second = liandan("studio", "--workspace", tmp_path / "w2", "--port", server.port, timeout=120)
+        assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{server.port}" in second.stderr, second.stderr
     finally:
         server.close()
 
@@ -276,3 +298,24 @@ def export_and_download(page, tmp_path):
     assert (downloads / "Modelfile").read_text(encoding="utf-8") == modelfile
     assert (downloads / "jokes.gguf").read_bytes()[:4] == b"GGUF"
     page.shot("ship", docs=True)
+
+
+def test_chat_tab_reloads_an_adapter_whose_weights_changed(tiny_llama, tmp_path):
+    """A chat opened while the run trains answers from the latest saved weights, not the first ones it loaded."""
+    from safetensors.torch import load_file, save_file
+
+    from liandan.config import load_config
+    from liandan.lora import run
+    from liandan.studio import chat
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    adapter = tmp_path / "run"
+    run(load_config(None, dict(model=str(tiny_llama), train=True, data=str(tmp_path / "data"), iters=2, batch_size=2,
+                               replay_ratio=0, adapter_path=str(adapter))), log=lambda *_: None)
+    first = chat.pipeline(adapter)
+    assert chat.pipeline(adapter) is first  # unchanged: cached
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v + 0.5 for k, v in load_file(str(weights)).items()}, str(weights))  # a later checkpoint
+    second = chat.pipeline(adapter)
+    assert second is not first and sum(1 for k in chat._pipelines if k[0] == str(adapter)) == 1
+    chat.forget(adapter)

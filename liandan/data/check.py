@@ -12,6 +12,7 @@ signatures only for valid/test, so a 1 GB train.jsonl is checked in bounded memo
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import statistics
 import sys
@@ -118,7 +119,7 @@ def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames,
             if fmt is None:
                 _add_error(report, str(item))
                 continue
-            report.format = report.format or fmt
+            report.format = fmt  # the file's so far: a chat file turns "tools" at its first record with tools
             report.examples += 1
             try:
                 _check_example(report, item, seen, encoder, max_seq_length)
@@ -242,6 +243,26 @@ def _rank(path: Path) -> int:
     return _SPLITS.index(path.stem) if path.stem in _SPLITS else len(_SPLITS)
 
 
+def _in_training(fmt: str | None) -> str:
+    """What training does by default with an over-long example (data/batching.py: encode_file)."""
+    if fmt == "text":
+        return ("training splits each into pieces of --max-seq-length tokens, nothing is lost "
+                "(or use --long-examples truncate/drop)")
+    return ("truncated in training (or use --long-examples drop); a chat is counted up to the turn that "
+            "crosses the limit")
+
+
+def require_train(target: Path) -> None:
+    """A data directory is what training reads: it must hold train.jsonl (exactly so named)."""
+    if not target.is_dir() or os.path.lexists(target / "train.jsonl"):
+        return
+    found = sorted(p.name for p in target.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"))
+    held = f"it holds {', '.join(found[:5])}" + (" …" if len(found) > 5 else "") if found else "it holds no data file"
+    raise LiandanError(f"{target}: no train.jsonl, which training reads ({held}); name the file train.jsonl, "
+                       f"check one file with `liandan data check {target / 'FILE.jsonl'}`, "
+                       "or convert a table with `liandan data prepare`")
+
+
 def render_report(result: dict, encoder) -> tuple[list[str], int, int]:
     """Human-readable lines, and the numbers of errors and warnings."""
     lines, errors, warnings = [], 0, 0
@@ -260,9 +281,7 @@ def render_report(result: dict, encoder) -> tuple[list[str], int, int]:
             lines += histogram(list(r.lengths))
             if r.over_length:
                 warnings += 1
-                counted = "" if r.format == "text" else "; a chat is counted up to the turn that crosses the limit"
-                lines.append(f"  ⚠ {r.over_length} example(s) longer than --max-seq-length {limit}: truncated in training "
-                             f"(or use --long-examples split/drop){counted}")
+                lines.append(f"  ⚠ {r.over_length} example(s) longer than --max-seq-length {limit}: {_in_training(r.format)}")
         if r.hand_typed:
             warnings += 1
             typed = ", ".join(f"'{t}' ×{n}" for t, n in r.hand_typed.items())

@@ -78,19 +78,31 @@ def _add_field_names(parser):
 def shown_examples(target: Path, encoder, names, count: int) -> list[str]:
     """The first `count` examples (of train.jsonl in a directory) rendered as trained, trained part marked."""
     from liandan.data.formats import scan_jsonl
-    from liandan.data.render import marked_text
 
     path = target / "train.jsonl" if target.is_dir() else target
     if count <= 0 or not path.is_file():
         return []
     lines = [f"First {count} example(s) of {path} as trained (⟦trained⟧, the rest is the masked prompt):"]
-    for fmt, item in scan_jsonl(path, names):
-        if fmt is not None:
-            lines += [f"--- {path.name}:{item.line}", marked_text(encoder.tokenizer, encoder.encode(item))]
-            count -= 1
-        if count == 0:
-            break
+    try:
+        for fmt, item in scan_jsonl(path, names):
+            if fmt is not None:
+                lines += [f"--- {path.name}:{item.line}", _shown(encoder, item, path)]
+                count -= 1
+            if count == 0:
+                break
+    except LiandanError as exc:  # the file cannot be read (any further); the report above said so already
+        lines.append(f"  ✗ {exc}")
     return lines
+
+
+def _shown(encoder, item, path: Path) -> str:
+    """One example as trained, or its error as file:line (the report counted it): the other examples still show."""
+    from liandan.data.render import marked_text
+
+    try:
+        return marked_text(encoder.tokenizer, encoder.encode(item))
+    except LiandanError as exc:
+        return f"  ✗ {path}:{item.line}: {exc}"
 
 
 def _tokenizer(model: str | None):
@@ -103,7 +115,7 @@ def _tokenizer(model: str | None):
 
 def main(args: argparse.Namespace) -> int:
     if args.action == "check":
-        from liandan.data.check import check, render_report
+        from liandan.data.check import check, render_report, require_train
         from liandan.data.formats import FieldNames
         from liandan.data.render import Encoder, make_rendering
 
@@ -112,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
             raise LiandanError(f"{target}: no such file or directory")
         if args.max_line_bytes <= 0:
             raise LiandanError(f"--max-line-bytes must be positive, got {args.max_line_bytes}")
+        require_train(target)
         tokenizer = _tokenizer(args.model)
         encoder = Encoder(tokenizer, make_rendering(tokenizer, chat_template=args.chat_template))
         names = FieldNames(args.text_feature, args.prompt_feature, args.completion_feature, args.chat_feature)
@@ -121,7 +134,10 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps({"files": [r.to_dict() for r in result["files"]], "leakage": result["leakage"],
                               "errors": errors, "warnings": warnings}, ensure_ascii=False, indent=2))
         else:
-            print("\n".join(lines + shown_examples(target, encoder, names, args.show)))
+            print("\n".join(lines), flush=True)  # the report stands even if showing the examples fails
+            shown = shown_examples(target, encoder, names, args.show)
+            if shown:
+                print("\n".join(shown))
         return 2 if errors else 1 if warnings else 0
     if args.action == "prepare":
         from liandan.data.prepare import prepare

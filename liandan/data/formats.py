@@ -54,12 +54,23 @@ class DataFile:
 
 def detect_format(record: dict, names: FieldNames) -> str | None:
     if names.chat in record:
-        return "tools" if names.tools in record else "chat"
+        return "chat" if record.get(names.tools) is None else "tools"  # "tools": null is a chat without tools
     if names.prompt in record and names.completion in record:
         return "completions"
     if names.text in record:
         return "text"
     return None
+
+
+def family(fmt: str) -> str:
+    """Formats that mix in one file: tools are optional per chat, as in mlx-lm."""
+    return "chat" if fmt == "tools" else fmt
+
+
+def merged_format(file_format: str | None, fmt: str) -> str:
+    """A file's format so far, given one more record's: a chat file is "tools" once any record has tools,
+    so that the tool-use chat template is chosen for it."""
+    return "tools" if "tools" in (file_format, fmt) else fmt
 
 
 def record_format(record: dict, names: FieldNames, where: str, started_as: str | None = None,
@@ -72,7 +83,7 @@ def record_format(record: dict, names: FieldNames, where: str, started_as: str |
             f"{where}: no known keys; expected '{names.text}', '{names.prompt}'+'{names.completion}', "
             f"or '{names.chat}' (found: {', '.join(sorted(record)) or 'none'})"
         )
-    if started_as is not None and fmt != started_as:
+    if started_as is not None and family(fmt) != family(started_as):
         raise LiandanError(f"{where}: this {unit[0]} is in the {fmt} format but the {unit[1]} started as {started_as}")
     return fmt
 
@@ -103,8 +114,9 @@ def scan_jsonl(path: str | Path, names: FieldNames | None = None, max_line_bytes
             record = parse_json(raw, where)
             if not isinstance(record, dict):
                 raise LiandanError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            fmt = file_format = record_format(record, names, where, file_format)
-            yield fmt, _normalise(record, fmt, names, where, line_no)
+            fmt = record_format(record, names, where, file_format)
+            file_format = merged_format(file_format, fmt)
+            yield file_format, _normalise(record, fmt, names, where, line_no)
         except LiandanError as exc:
             yield None, exc
 
@@ -198,6 +210,7 @@ def read_jsonl(path: str | Path, names: FieldNames | None = None, max_line_bytes
             raise item
         if data is None:
             data = DataFile(path, fmt)
+        data.format = fmt  # the file's format so far: chat turns "tools" at its first record with tools
         data.examples.append(item)
     if data is None or not data.examples:
         raise LiandanError(f"{path}: the file is empty")
@@ -222,7 +235,7 @@ def _normalise(record: dict, fmt: str, names: FieldNames, where: str, line_no: i
     if not isinstance(messages, list) or not messages:
         raise LiandanError(f"{where}: '{names.chat}' must be a non-empty list of messages")
     for i, message in enumerate(messages):
-        _check_message(message, i, where, allow_tools=fmt == "tools")
+        _check_message(message, i, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise LiandanError(f"{where}: the chat has no assistant turn; there is nothing to learn from this line")
     tools = None
@@ -233,15 +246,15 @@ def _normalise(record: dict, fmt: str, names: FieldNames, where: str, line_no: i
     return Example(line_no, messages=messages, tools=tools)
 
 
-def _check_message(message, i: int, where: str, allow_tools: bool) -> None:
+def _check_message(message, i: int, where: str) -> None:
     if not isinstance(message, dict):
         raise LiandanError(f"{where}: message {i} is not an object")
     role = message.get("role")
     if role not in ROLES:
         raise LiandanError(f"{where}: message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
     content = message.get("content")
-    if role == "assistant" and allow_tools and content is None and message.get("tool_calls"):
-        return
+    if role == "assistant" and content is None and message.get("tool_calls"):
+        return  # a tool call: with or without a "tools" list on this record, as templates render both
     if not isinstance(content, str):
         raise LiandanError(f"{where}: message {i} ({role}) needs a string 'content'")
 
@@ -256,10 +269,11 @@ def load_splits(data: str | Path, names: FieldNames | None = None, splits=("trai
     `datasets` library (save_to_disk), or a Hugging Face dataset name (downloaded when online).
     Missing optional splits map to None."""
     names = names or FieldNames()
-    data_dir = Path(data)
+    check_data_path(data)
+    data_dir = Path(data).expanduser()
     if data_dir.is_dir() and any((data_dir / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
         return _from_datasets(str(data_dir), names, splits, on_disk=True)
-    if not data_dir.exists() and re.match(r"^[\w.-]+/[\w.-]+$", str(data)):
+    if is_hub_dataset(data):
         return _from_datasets(str(data), names, splits, on_disk=False)
     if not data_dir.is_dir():
         raise LiandanError(f"--data {data_dir}: not a directory (expected one holding train.jsonl, valid.jsonl, test.jsonl)")
@@ -269,6 +283,22 @@ def load_splits(data: str | Path, names: FieldNames | None = None, splits=("trai
         # lexists: a FIFO, device or broken link named train.jsonl is an error, not a missing split
         out[split] = read_jsonl(path, names) if os.path.lexists(path) else None
     return out
+
+
+def is_hub_dataset(data: str | Path) -> bool:
+    """Whether --data names a Hugging Face dataset (owner/name). A path written as one (./ ../ / ~), one that
+    exists, or one whose first folder exists here is local: a typo in it must not become a download."""
+    text = str(data)
+    if text.startswith(("./", "../", "/", "~")) or os.path.lexists(text):
+        return False
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not os.path.lexists(text.split("/")[0])
+
+
+def check_data_path(data: str | Path) -> None:
+    """--data names something that exists here, or a Hub dataset: checked before the model loads, so a
+    mistyped folder is one line at once, not a failed download minutes later."""
+    if not Path(data).expanduser().exists() and not is_hub_dataset(data):
+        raise LiandanError(f"--data {data}: no such directory")
 
 
 _DATASET_SPLIT_NAMES = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
@@ -298,8 +328,10 @@ def _datafile_from_records(records, label: Path, names: FieldNames) -> DataFile:
     for index, record in enumerate(records, start=1):
         where = f"{label}:{index}"
         fmt = record_format(record, names, where, data.format if data else None, ("row", "split"))
+        example = _normalise(record, fmt, names, where, index)
         data = data or DataFile(label, fmt)
-        data.examples.append(_normalise(record, fmt, names, where, index))
+        data.format = merged_format(data.format, fmt)
+        data.examples.append(example)
     if data is None:
         raise LiandanError(f"{label}: the split is empty")
     return data

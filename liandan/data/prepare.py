@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import string
+from contextlib import ExitStack
 from pathlib import Path
 
 from liandan.atomic import atomic_path, check_output
@@ -25,7 +27,16 @@ TEXT_NAMES = ("text", "content", "document", "body")
 
 
 def read_rows(path: Path):
-    """Yield (row number, dict) from .jsonl, .json, .csv or .parquet."""
+    """Yield (row number, dict) from .jsonl, .json, .csv or .parquet; a row that is not an object is an error."""
+    for n, row in _read_values(path):
+        if not isinstance(row, dict):
+            raise LiandanError(f"{path}:{n}: expected an object (field names and values), got {type(row).__name__}")
+        if None in row:  # csv.DictReader files the values beyond the header's columns under None
+            raise LiandanError(f"{path}:{n}: more values than the header has columns")
+        yield n, row
+
+
+def _read_values(path: Path):
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         for n, raw, _ in read_lines(path):
@@ -54,14 +65,38 @@ def read_rows(path: Path):
                 raise LiandanError(f"{path}:{reader.line_num + 1}: invalid CSV: {exc}") from None
     elif suffix == ".parquet":
         open_regular(path).close()
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise LiandanError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
-        for n, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield n, row
+        yield from enumerate(_parquet_rows(path), start=1)
     else:
         raise LiandanError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _parquet_rows(path: Path) -> list:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LiandanError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:  # not Parquet, truncated, or an unreadable column
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LiandanError(f"{path}: not a readable Parquet file ({reason})") from None
+
+
+def parse_template(spec: str, what: str) -> list[tuple[str, str | None]]:
+    """[(literal text, field name or None)] of a '{Field}' template. Fields are looked up by their whole name
+    (not with str.format, which takes '{0}' for an argument index and '{a.b}' for an attribute)."""
+    try:
+        parts = list(string.Formatter().parse(spec))
+    except ValueError as exc:
+        raise LiandanError(f"--{what} {spec!r}: not a valid template ({exc}); write {{Field}}, "
+                           "and {{ or }} for a literal brace") from None
+    for _, name, format_spec, conversion in parts:
+        if name == "":
+            raise LiandanError(f"--{what} {spec!r}: {{}} names no field; write {{Field}}, and {{{{ or }}}} for a literal brace")
+        if format_spec or conversion:
+            raise LiandanError(f"--{what} {spec!r}: write the field as {{{name}}}, without ':' or '!' after its name")
+    return [(literal, name) for literal, name, _, _ in parts]
 
 
 def make_getter(spec: str | None, guesses: tuple, first_row: dict, what: str, path: Path):
@@ -72,13 +107,14 @@ def make_getter(spec: str | None, guesses: tuple, first_row: dict, what: str, pa
             raise LiandanError(f"{path}: cannot guess the {what} field among {', '.join(sorted(first_row))}; "
                                f"name it with --{what}")
     if "{" in spec:
-        fields = [name for _, name, _, _ in string.Formatter().parse(spec) if name]
+        parts = parse_template(spec, what)
 
         def from_template(row, where):
-            missing = [f for f in fields if f not in row]
+            missing = [name for _, name in parts if name is not None and name not in row]
             if missing:
                 raise LiandanError(f"{where}: no field {missing[0]!r} (for --{what})")
-            return spec.format(**{f: "" if row[f] is None else str(row[f]) for f in fields})
+            return "".join(literal + ("" if name is None or row[name] is None else str(row[name]))
+                           for literal, name in parts)
 
         return from_template
 
@@ -95,8 +131,6 @@ def convert(path: Path, fmt: str, prompt=None, completion=None, text=None, syste
     if not rows:
         raise LiandanError(f"{path}: no rows")
     first = rows[0][1]
-    if not isinstance(first, dict):
-        raise LiandanError(f"{path}: rows must be objects")
     out = []
     if fmt == "text":
         get_text = make_getter(text, TEXT_NAMES, first, "text", path)
@@ -121,27 +155,44 @@ def convert(path: Path, fmt: str, prompt=None, completion=None, text=None, syste
     return out
 
 
+def prompt_key(record: dict) -> str:
+    """What two splits may not share: the prompt (a chat's user turns, a text whole), normalised as
+    `data check` matches leakage, so a question asked twice is never both trained on and tested."""
+    if "messages" in record:
+        prompt = "\n".join(m["content"] for m in record["messages"] if m["role"] == "user")
+    else:
+        prompt = record["prompt"] if "prompt" in record else record["text"]
+    return normalise(prompt) or prompt  # all punctuation: only the same prompt is the same
+
+
 def split(records: list[dict], valid_ratio: float, test_ratio: float, seed: int) -> dict[str, list[dict]]:
-    """Seeded random split after removing exact duplicates, so no example lands in two splits."""
+    """Seeded random split after removing exact duplicates. Examples with the same prompt stay together in one
+    split (a group that does not fit the rest of valid or test goes to train), so no prompt leaks across splits."""
     if not (0 <= valid_ratio < 1 and 0 <= test_ratio < 1 and valid_ratio + test_ratio < 1):
         raise LiandanError("--valid-ratio and --test-ratio must be in [0, 1) and sum to less than 1")
-    seen, unique = set(), []
-    for record in records:
-        key = normalise(json.dumps(record, ensure_ascii=False, sort_keys=True))
-        if key not in seen:
-            seen.add(key)
-            unique.append(record)
-    random.Random(seed).shuffle(unique)
-    n_test = int(round(len(unique) * test_ratio))
-    n_valid = int(round(len(unique) * valid_ratio))
-    return {"test": unique[:n_test], "valid": unique[n_test : n_test + n_valid], "train": unique[n_test + n_valid :]}
+    unique = list({json.dumps(r, ensure_ascii=False, sort_keys=True): r for r in records}.values())
+    groups: dict[str, list[dict]] = {}
+    for record in unique:
+        groups.setdefault(prompt_key(record), []).append(record)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    wanted = {"test": int(round(len(unique) * test_ratio)), "valid": int(round(len(unique) * valid_ratio))}
+    splits: dict[str, list[dict]] = {"test": [], "valid": [], "train": []}
+    for group in order:
+        name = next((s for s in ("test", "valid") if len(splits[s]) + len(group) <= wanted[s]), "train")
+        splits[name] += group
+    return splits
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        write_rows(tmp, records)
+
+
+def write_rows(path: Path, records: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -155,15 +206,41 @@ def prepare(inputs: list[Path], out: Path, fmt: str, valid_ratio: float, test_ra
     records = []
     for path in inputs:
         records += convert(Path(path), fmt, **fields)
+    source = f"{inputs[0]}" + (f" (and {len(inputs) - 1} more)" if len(inputs) > 1 else "")
+    if not records:
+        raise LiandanError(f"{source}: no example left: every row has an empty "
+                           + ("text" if fmt == "text" else "prompt or completion"))
     splits = split(records, valid_ratio, test_ratio, seed)
-    dropped = len(records) - sum(len(v) for v in splits.values())
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        if rows:
-            write_jsonl(out / f"{name}.jsonl", rows)
-        elif (out / f"{name}.jsonl").exists():
-            log(f"Note: {out / f'{name}.jsonl'} is from before and was left as it is (this split is empty now).")
+    kept = sum(len(v) for v in splits.values())
+    if not splits["train"]:
+        raise LiandanError(f"{source}: {kept} distinct example(s) leave none for train.jsonl with --valid-ratio "
+                           f"{valid_ratio:g} and --test-ratio {test_ratio:g}; lower the ratios or add examples")
+    write_splits(out, splits, log)
     counts = {k: len(v) for k, v in splits.items()}
+    dropped = len(records) - kept
     log(f"Wrote {out}: " + ", ".join(f"{k}.jsonl {v}" for k, v in counts.items() if v)
         + (f" ({dropped} duplicate(s) removed)" if dropped else ""))
+    for name, ratio in (("valid", valid_ratio), ("test", test_ratio)):
+        if counts[name] < int(round(kept * ratio)):
+            log(f"Note: {name}.jsonl has {counts[name]} of the {int(round(kept * ratio))} example(s) asked for: "
+                "examples with the same prompt stay in one split, and the rest went to train.")
     return counts
+
+
+def write_splits(out: Path, splits: dict[str, list[dict]], log) -> None:
+    """Write the non-empty splits, each to a temporary file first; only when all are written is an old split
+    file that this run leaves empty removed (its --overwrite was checked) and the new ones renamed into place,
+    so `out` never mixes two datasets. Other files in `out` are the user's and are kept."""
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as renames:  # each atomic_path renames its file into place when the stack closes
+        for name, rows in splits.items():
+            if rows:
+                write_rows(renames.enter_context(atomic_path(out / f"{name}.jsonl")), rows)
+        for name, rows in splits.items():
+            stale = out / f"{name}.jsonl"
+            if not rows and os.path.lexists(stale):
+                try:
+                    stale.unlink()
+                except OSError as exc:  # nothing is renamed yet: the old splits stay as they were
+                    raise LiandanError(f"{stale}: cannot remove the old split ({exc.strerror}); nothing was changed") from None
+                log(f"Removed the old {stale}: this split is empty now.")

@@ -77,9 +77,21 @@ def read_chat_template(spec: str) -> tuple[str, str]:
         raise LiandanError(f"--chat-template {spec}: cannot read it as UTF-8 text ({exc})") from None
 
 
-def make_rendering(tokenizer, system_prompt: str | None = None, chat_template: str | None = None) -> Rendering:
+def model_template(tokenizer, tools: bool = False) -> str | None:
+    """The model's own chat template. Some tokenizers ship several by name (Hermes 2 Pro, Command R+: "default" and
+    "tool_use"); pick as transformers' apply_chat_template does: "tool_use" for data with tools, else "default"."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        name = "tool_use" if tools and "tool_use" in template else "default"
+        template = template.get(name) or (next(iter(template.values())) if len(template) == 1 else None)
+    return template
+
+
+def make_rendering(tokenizer, system_prompt: str | None = None, chat_template: str | None = None,
+                   tools: bool = False) -> Rendering:
     """Choose the template (--chat-template, else the model's) and find which token ends an assistant turn in it."""
-    template, source = read_chat_template(chat_template) if chat_template else (tokenizer.chat_template, "model")
+    template, source = (read_chat_template(chat_template) if chat_template
+                        else (model_template(tokenizer, tools), "model"))
     if not template or not isinstance(template, str):
         if tokenizer.eos_token is None:
             raise LiandanError("the tokenizer has neither a chat template nor an end-of-sequence token")

@@ -47,6 +47,10 @@ def read_questions(path: Path) -> list[QA]:
         if not users or not answers:
             raise LiandanError(f"{path}:{ex.line}: a question needs a user turn and an assistant answer")
         extra = raw.get(ex.line, {})
+        for key in ("section", "source"):
+            if not isinstance(extra.get(key), (str, type(None))):
+                raise LiandanError(f"{path}:{ex.line}: \"{key}\" must be text (a heading or a file name), "
+                                   f"not {type(extra[key]).__name__}")
         out.append(QA(users[-1]["content"] or "", answers[-1]["content"] or "", ex.line,
                       extra.get("section"), extra.get("source")))
     return out

@@ -23,6 +23,7 @@ LLAMA_INSTALL = "pip install 'liandan[llama]'"
 # llama.cpp allocates every slot's whole KV cache up front: at a model's full 32k-128k positions that is GiBs per
 # slot, so --engine llama.cpp uses at most this many unless --ctx-size asks for more (llama-server and Ollama
 # default to a few thousand too). The torch engine's cache grows with the text, so it keeps the model's limit.
+# `export ollama` writes the same cap as the Modelfile's num_ctx.
 LLAMA_DEFAULT_CTX = 4096
 
 
@@ -47,6 +48,15 @@ class Engine:
         self.pipe = pipe
         limit = context_size(pipe)  # may read config.json: once
         self.context = min(limit, ctx_size) if ctx_size else limit
+
+    def budget(self, prompt_ids: list[int], max_tokens: int) -> int:
+        """How many tokens may follow this prompt: at most max_tokens, and what the context has left after it."""
+        from liandan.generate import require_prompt
+
+        require_prompt(prompt_ids)
+        if len(prompt_ids) >= self.context:
+            raise LiandanError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.context}")
+        return min(max_tokens, self.context - len(prompt_ids))
 
     def stream(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, result=None) -> Iterator[int]:
         """Yield generated ids (stop tokens are not yielded); fill `result` (a GenerationResult) on the way.

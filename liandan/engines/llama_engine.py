@@ -81,13 +81,11 @@ class LlamaEngine(Engine):
     def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None):
         import torch
 
-        from liandan.generate import GenerationResult, make_generator, require_prompt, sample_next
+        from liandan.generate import GenerationResult, make_generator, sample_next
 
         result = result if result is not None else GenerationResult()
         result.prompt_tokens = len(prompt_ids)
-        require_prompt(prompt_ids)  # else llama.cpp would sample the logits the slot holds from its last request
-        if len(prompt_ids) >= self.context:
-            raise LiandanError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.context}")
+        max_tokens = self.budget(prompt_ids, max_tokens)  # an empty prompt would sample the slot's last logits
         generator = make_generator(sampling.temp, sampling.seed)
         stop_ids = set(self.pipe.stop_ids)
         slot = self._take_slot()
@@ -96,7 +94,7 @@ class LlamaEngine(Engine):
             logits = slot.prefill(prompt_ids)
             result.prompt_seconds = time.perf_counter() - start
             start = time.perf_counter()
-            for _ in range(min(max_tokens, self.context - len(prompt_ids))):
+            for _ in range(max_tokens):
                 if self.closing.is_set():
                     raise LiandanError("the llama.cpp engine is shutting down")
                 token = sample_next(torch.from_numpy(logits), sampling.temp, sampling.top_p, sampling.min_p, generator)

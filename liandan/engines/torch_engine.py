@@ -21,6 +21,7 @@ class TorchEngine(Engine):
     def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None):
         from liandan.generate import stream
 
+        max_tokens = self.budget(prompt_ids, max_tokens)
         with self.lock:
             yield from stream(self.pipe.model, prompt_ids, max_tokens, self.pipe.stop_ids,
                               self.pipe.device.torch_device, sampling.temp, sampling.top_p, sampling.min_p,

@@ -51,6 +51,10 @@ def main(args: argparse.Namespace) -> int:
             return 0
         model_dir = resolve_model(args.model)
         check_output(args.outfile, "--outfile", _model_inputs(args.model, model_dir), args.overwrite)
+        if args.check:
+            from liandan.export.quality import validation_items
+
+            validation_items(model_dir, args.data)  # missing validation data: said now, not after the export
         from liandan.adapters import read_record
         from liandan.data.render import Rendering, rendering_of
 

@@ -403,7 +403,8 @@ def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log
     from liandan.models import resolve_model
 
     adapter_dir, outfile = Path(adapter_dir), Path(outfile)
-    if OUTTYPES[check_outtype(outtype)]:
+    outtype = check_outtype(outtype)
+    if OUTTYPES[outtype] or outtype == "q8_0":
         raise LiandanError(f"--outtype {outtype}: a LoRA adapter GGUF is written in f32, f16 or bf16 (llama.cpp applies "
                            "adapters unquantized); quantize the base model's GGUF instead")
     record = read_record(adapter_dir)
@@ -432,7 +433,7 @@ def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log
             if kind == "B.weight" and heads:
                 data = permute_qk(data, heads)  # B's rows are the weight's rows
             suffix = ".lora_a" if kind == "A.weight" else ".lora_b"
-            encoded, qtype = encode_tensor(data, outtype if outtype != "q8_0" else "f16", target_name + suffix)
+            encoded, qtype = encode_tensor(data, outtype, target_name + suffix)
             writer.add_tensor(target_name + suffix, encoded, raw_dtype=qtype)
     log(f"Wrote {outfile} (LoRA adapter, alpha {adapter_config['lora_alpha']}, rank {adapter_config['r']})")
     return outfile

@@ -97,6 +97,7 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
     from liandan.adapters import read_record
     from liandan.atomic import atomic_write_text
     from liandan.data.render import rendering_of
+    from liandan.engines import LLAMA_DEFAULT_CTX
     from liandan.export.gguf import export_gguf, read_config
 
     model_dir = Path(model_dir)
@@ -109,7 +110,7 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
         raise LiandanError("--system: this chat template has no system role (it refuses system messages)")
     stops = list(dict.fromkeys(rendering.stop_tokens + ([tokenizer.eos_token] if tokenizer.eos_token else [])))
     gguf_name = f"{name}.gguf"
-    num_ctx = min(int(read_config(model_dir).get("max_position_embeddings", 4096)), 4096)
+    num_ctx = min(int(read_config(model_dir).get("max_position_embeddings", LLAMA_DEFAULT_CTX)), LLAMA_DEFAULT_CTX)
     text = modelfile(gguf_name, wrappers, system, stops, num_ctx)  # first: its errors must not cost an export
     out_dir.mkdir(parents=True, exist_ok=True)
     export_gguf(model_dir, out_dir / gguf_name, outtype, rendering.chat_template, rendering.stop_tokens, name, log)
@@ -121,7 +122,8 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
         log("Running: " + " ".join(command))
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise LiandanError(f"ollama create failed: {(result.stderr or result.stdout).strip().splitlines()[-1]}")
+            said = (result.stderr or result.stdout).strip().splitlines()
+            raise LiandanError(f"ollama create failed: {said[-1] if said else f'exit status {result.returncode}'}")
         log(f"Done: ollama run {name}")
     else:
         log("Ollama is not on PATH; to import the model run:\n  " + " ".join(command) + f"\n  ollama run {name}")

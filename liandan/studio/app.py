@@ -135,6 +135,7 @@ def _wire_data(workspace: Path, t: SimpleNamespace, train: SimpleNamespace) -> N
     def on_upload(files, name, kind, path):
         if not files:
             return gr.skip()
+        data.require_new_data_dir(workspace / "data" / _plain(name))
         staging = data.stage(files)
         spec = _model_spec(kind, path)
         if not data.is_split_dir(staging):

@@ -88,10 +88,17 @@ def validate_tables(directory: Path) -> list[str]:
     return errors
 
 
+def require_new_data_dir(out: Path) -> None:
+    """The page never replaces a data folder: runs trained on it would then be tested on other data."""
+    if Path(out).exists() and any(Path(out).iterdir()):
+        raise LiandanError(f"{out} already holds data; choose another data name")
+
+
 def save_split_dir(staging: Path, out: Path) -> Path:
     """Copy checked train/valid/test.jsonl into the workspace (the whole directory appears at once)."""
     from liandan.atomic import atomic_dir
 
+    require_new_data_dir(out)
     with atomic_dir(out) as tmp:
         for path in staging.iterdir():
             shutil.copyfile(path, tmp / path.name)
@@ -132,15 +139,19 @@ def rendered_examples(path: Path, model: str | None = None, count: int = 3) -> s
     for fmt, example in scan_jsonl(path):
         if fmt is None:
             continue  # the check report lists the bad lines
-        encoded = encoder.encode(example)
+        where = f'<div class="where">{html.escape(path.name)}:{example.line}</div>'
+        try:
+            encoded = encoder.encode(example)
+        except LiandanError as exc:  # this example cannot be rendered: say so in its place, show the others
+            blocks.append(f'<div class="example">{where}<pre>✗ {html.escape(str(exc))}</pre></div>')
+            continue
         pieces, start = [], 0
         for i in range(1, len(encoded.input_ids) + 1):
             if i == len(encoded.input_ids) or (encoded.labels[i] == IGNORE) != (encoded.labels[start] == IGNORE):
                 text = html.escape(encoder.tokenizer.decode(encoded.input_ids[start:i], skip_special_tokens=False))
                 pieces.append(text if encoded.labels[start] == IGNORE else f'<mark class="trained">{text}</mark>')
                 start = i
-        blocks.append(f'<div class="example"><div class="where">{html.escape(path.name)}:{example.line}</div>'
-                      f'<pre>{"".join(pieces)}</pre></div>')
+        blocks.append(f'<div class="example">{where}<pre>{"".join(pieces)}</pre></div>')
         if len(blocks) == count:
             break
     return "\n".join(blocks)
