@@ -27,6 +27,15 @@ LLAMA_INSTALL = "pip install 'liandan[llama]'"
 LLAMA_DEFAULT_CTX = 4096
 
 
+def require_llama_cpp(purpose: str = "--engine llama.cpp"):
+    """llama_cpp, or one line naming what needs it and the install command (the engine, k-quants, --check)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LiandanError(f"{purpose} needs llama-cpp-python: {LLAMA_INSTALL}") from None
+    return llama_cpp
+
+
 @dataclass(frozen=True)
 class Sampling:
     temp: float = 0.0
@@ -76,7 +85,7 @@ def load_engine(kind: str, model: str | None, adapter_path: str | None, system_p
     if kind not in ENGINES:
         raise LiandanError(f"--engine {kind}: expected one of {', '.join(ENGINES)}")
     if kind == "llama.cpp":
-        from liandan.engines.llama_engine import LlamaEngine, require_llama_cpp
+        from liandan.engines.llama_engine import LlamaEngine
 
         require_llama_cpp()  # before anything slow loads
         pipe = load_pipeline(model, adapter_path, system_prompt, extra_eos, None, trust_remote_code, load_weights=False,

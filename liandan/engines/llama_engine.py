@@ -17,19 +17,11 @@ import queue
 import threading
 import time
 
-from liandan.engines import LLAMA_INSTALL, Engine, Sampling
+from liandan.engines import Engine, Sampling, require_llama_cpp
 from liandan.errors import LiandanError
 
 BATCH = 512  # prompt tokens per llama_decode call
 CLOSE_WAIT = 30.0  # seconds close() waits for running generations to hand their slots back
-
-
-def require_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise LiandanError(f"--engine llama.cpp needs llama-cpp-python: {LLAMA_INSTALL}") from None
-    return llama_cpp
 
 
 class LlamaEngine(Engine):

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from liandan.data.render import CHAT_TEMPLATE_HELP
+from liandan.engines import require_llama_cpp
 from liandan.errors import LiandanError
-from liandan.export.quantize import OUTTYPE_HELP, import_llama_cpp, usable_outtype
+from liandan.export.quantize import OUTTYPE_HELP, usable_outtype
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
 
     args.outtype = usable_outtype(args.outtype)
     if getattr(args, "check", False):
-        import_llama_cpp("--check")
+        require_llama_cpp("--check")
     if args.target == "gguf":
         from liandan.export.gguf import export_gguf, export_lora_gguf
 

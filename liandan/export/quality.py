@@ -48,9 +48,9 @@ def validation_items(model_dir: Path, data: str | None = None) -> tuple[list, st
 def gguf_perplexity(path: Path, items: list) -> tuple[float, int]:
     """(perplexity, tokens) of the trained positions of `items`, computed by llama.cpp from the GGUF at `path`."""
     from liandan.data.render import IGNORE
-    from liandan.export.quantize import import_llama_cpp
+    from liandan.engines import require_llama_cpp
 
-    llama_cpp = import_llama_cpp("--check")
+    llama_cpp = require_llama_cpp("--check")
     n_ctx = max(len(item.input_ids) for item in items)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
                           type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)

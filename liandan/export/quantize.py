@@ -21,6 +21,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+from liandan.engines import require_llama_cpp
 from liandan.errors import LiandanError
 
 # Every --outtype and what produces it: None = liandan's own GGUF writer (export/gguf.py) writes it;
@@ -39,7 +40,6 @@ OUTTYPES: dict[str, str | None] = {
     "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
 }
 QUANTIZER_INPUT = "f16"  # what llama.cpp's own workflow quantizes from (convert_hf_to_gguf → llama-quantize)
-INSTALL_LLAMA = "pip install 'liandan[llama]' (in a checkout: pip install -e '.[llama]')"
 OUTTYPE_HELP = ", ".join(OUTTYPES)
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h's enum (the table in llama_cpp/_logger.py predates DEBUG moving to 1)
 
@@ -56,16 +56,8 @@ def usable_outtype(outtype: str) -> str:
     """check_outtype, and for llama.cpp's types the install hint now rather than after minutes of work."""
     name = check_outtype(outtype)
     if OUTTYPES[name]:
-        import_llama_cpp(f"--outtype {name}")
+        require_llama_cpp(f"--outtype {name}")
     return name
-
-
-def import_llama_cpp(purpose: str):
-    try:
-        import llama_cpp
-    except ImportError:
-        raise LiandanError(f"{purpose} needs llama-cpp-python, which is not installed: {INSTALL_LLAMA}") from None
-    return llama_cpp
 
 
 def export_quantized(model_dir: Path, outfile: Path, outtype: str, chat_template: str | None = None,
@@ -75,7 +67,7 @@ def export_quantized(model_dir: Path, outfile: Path, outtype: str, chat_template
     from liandan.export.gguf import export_gguf
 
     outtype = check_outtype(outtype)
-    llama_cpp = import_llama_cpp(f"--outtype {outtype}")  # before any work: fail fast
+    llama_cpp = require_llama_cpp(f"--outtype {outtype}")  # before any work: fail fast
     outfile = Path(outfile)
     outfile.parent.mkdir(parents=True, exist_ok=True)
     # Next to the output (same disk) and removed whatever happens.
@@ -119,30 +111,37 @@ def _captured_log(llama_cpp):
 
 
 def tensor_types(path: Path) -> Counter:
-    """How many tensors of each GGML type a GGUF file holds, e.g. Counter({'Q5_0': 90, 'F32': 61, ...}).
-
-    Walks the header itself: gguf.GGUFReader builds a numpy view per vocabulary entry, ~6 CPU seconds
-    for SmolLM2's 49k tokens and merges, where skipping them takes milliseconds."""
+    """How many tensors of each GGML type a GGUF file holds, e.g. Counter({'Q5_0': 90, 'F32': 61, ...})."""
     import gguf
 
+    return Counter(gguf.GGMLQuantizationType(kind).name for _, kind, _ in tensor_table(path)[0])
+
+
+def tensor_table(path: Path) -> tuple[list[tuple[tuple, int, int]], int, int]:
+    """([(dims, GGML type, data offset)] of each tensor, where the data section starts, the file size).
+
+    Walks the header itself: gguf.GGUFReader builds a numpy view per vocabulary entry, ~6 CPU seconds
+    for SmolLM2's 49k tokens and merges, where skipping them takes milliseconds. struct.error: a truncated header."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
         if magic != b"GGUF" or version < 2:
             raise LiandanError(f"{path}: not a GGUF file (version 2 or later)")
-        pos = 24
+        pos, alignment = 24, 32  # GGUF's default alignment of the data section
         for _ in range(n_kv):
-            pos = _skip_value(buf, pos, _STRING)  # the key
-            (kind,) = struct.unpack_from("<I", buf, pos)
-            pos = _skip_value(buf, pos + 4, kind)
-        types: Counter = Counter()
+            key_end = _skip_value(buf, pos, _STRING)
+            (kind,) = struct.unpack_from("<I", buf, key_end)
+            if buf[pos + 8 : key_end] == b"general.alignment" and kind == 4:  # u32
+                (alignment,) = struct.unpack_from("<I", buf, key_end + 4)
+            pos = _skip_value(buf, key_end + 4, kind)
+        table = []
         for _ in range(n_tensors):
             pos = _skip_value(buf, pos, _STRING)  # the name
             (n_dims,) = struct.unpack_from("<I", buf, pos)
-            pos += 4 + 8 * n_dims
-            (kind,) = struct.unpack_from("<I", buf, pos)
-            pos += 4 + 8  # type, data offset
-            types[gguf.GGMLQuantizationType(kind).name] += 1
-    return types
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+            pos += 4 + 8 * n_dims + 12
+            table.append((dims, kind, offset))
+        return table, pos + (-pos % alignment), len(buf)
 
 
 # GGUFValueType → bytes: u8 i8 u16 i16 u32 i32 f32 bool, then u64 i64 f64; 8 is a string and 9 an array.

@@ -157,8 +157,12 @@ def _wire_data(workspace: Path, t: SimpleNamespace, train: SimpleNamespace) -> N
 
     outputs = [t.status, t.report, t.examples, t.folder, t.staged]
     t.upload.upload(_shown(on_upload), [t.upload, t.name, *model], outputs)
-    t.check.click(_shown(lambda folder, kind, path: _check_outputs(Path(folder.strip()), _model_spec(kind, path))),
-                  [t.folder, *model], [t.status, t.report, t.examples])
+    def on_check(folder, kind, path):
+        if not (folder or "").strip():  # Path("") is the studio's own working directory
+            raise LiandanError("choose a data folder first (upload, or type its path)")
+        return _check_outputs(Path(folder.strip()), _model_spec(kind, path))
+
+    t.check.click(_shown(on_check), [t.folder, *model], [t.status, t.report, t.examples])
 
     def on_prepare(staged, name, fmt, prompt, completion, text, valid, test, seed, kind, path):
         if not staged:
