@@ -292,6 +292,16 @@ def test_cutting_keeps_the_text_and_bounds_every_piece():
     assert "".join(pieces).replace("\n", "").startswith(paragraph.replace("\n", "")[:60])  # nothing added or lost
     heads = list(sections("# Setup\n\nInstall it.\n\n```bash\n# not a heading\n\npip install x\n```\n\nDone.\n"))
     assert heads == [(["Setup"], ["Install it.", "```bash\n# not a heading\n\npip install x\n```", "Done."])]
+    from liandan.data.docs import chunk_document
+    from liandan.docs.prompt import body_of
+    from liandan.docs.index import Chunk
+
+    deep = "".join(f"{'#' * level} {'Very long heading words ' * 3}{level}\n\n" for level in range(1, 6))
+    chunks = chunk_document(deep + "The last section's text. " * 20, count_words, 40, 5)
+    assert chunks and all(count_words(text) <= 40 for _, text in chunks)  # a long heading path is shortened
+    title, text = chunks[0]
+    assert title.count(" > ") == 4 and text.startswith(f"# {title.split(' > ')[-1]}\n\n")  # the path stays recorded
+    assert body_of(Chunk(text, "a.md", title)).startswith("The last section's text.")
 
 
 def test_document_files_skip_hidden_and_package_folders(tmp_path):

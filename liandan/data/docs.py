@@ -162,12 +162,22 @@ def _pieces(paragraph: str, limit: int, overlap: int, count) -> list[str]:
     return out
 
 
+def _header(heads: list[str], count, chunk_tokens: int) -> str:
+    """The heading line each chunk starts with: the whole path, or only the last heading (or none) when a path
+    that long would leave a chunk fewer than 16 tokens of text (its section is still recorded in full)."""
+    for title in (" > ".join(heads), heads[-1] if heads else ""):
+        header = f"# {title}\n\n" if title else ""
+        if chunk_tokens - count(header) >= 16:
+            return header
+    return ""
+
+
 def chunk_document(text: str, count, chunk_tokens: int, overlap: int) -> list[tuple[str, str]]:
     """(section title, chunk text) pairs; each chunk ≤ chunk_tokens tokens including its heading line."""
     chunks = []
     for heads, paragraphs in sections(text):
         title = " > ".join(heads)
-        header = f"# {title}\n\n" if title else ""
+        header = _header(heads, count, chunk_tokens)
         budget = max(chunk_tokens - count(header), 16)
         current: list[str] = []
         for paragraph in paragraphs:

@@ -89,9 +89,11 @@ def last_turn(messages: list[dict], role: str) -> int | None:
 
 def body_of(chunk) -> str:
     """The chunk's text without the heading line the chunker puts first ("# Title > Section")."""
-    header = f"# {chunk.section}\n\n" if chunk.section else ""
     text = chunk.text.strip()
-    return text[len(header):].strip() if header and text.startswith(header) else text
+    for title in (chunk.section, chunk.section.split(" > ")[-1]):  # the chunker shortens a very long path
+        if title and text.startswith(f"# {title}\n\n"):
+            return text[len(f"# {title}\n\n"):].strip()
+    return text
 
 
 def sources_of(hits) -> list[dict]:

@@ -75,10 +75,7 @@ def _restore(workspace: Path) -> list:
 
 
 def _run_dir(workspace: Path, name: str) -> Path:
-    name = (name or "").strip()
-    if not name or "/" in name or name.startswith("."):
-        raise LiandanError(f"run name {name!r}: use a plain folder name")
-    return workspace / "runs" / name
+    return workspace / "runs" / _plain(name, "run name")
 
 
 # ---------------------------------------------------------------- Data
@@ -186,10 +183,11 @@ def _wire_data(workspace: Path, t: SimpleNamespace, train: SimpleNamespace) -> N
                       [t.status, t.report, t.examples, t.folder])
 
 
-def _plain(name: str) -> str:
+def _plain(name: str, what: str = "data name") -> str:
+    """A run or data name from the page: one folder inside the workspace, never a path out of it."""
     name = (name or "").strip()
-    if not name or "/" in name or name.startswith("."):
-        raise LiandanError(f"data name {name!r}: use a plain folder name")
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise LiandanError(f"{what} {name!r}: use a plain folder name")
     return name
 
 
