@@ -161,21 +161,44 @@ def load_adapter(model, directory: Path, record: dict):
 
 
 def load_weights_into(model, path: Path) -> None:
-    """--resume-adapter-file: start from saved adapter weights (fresh optimizer), like mlx_lm."""
+    """--resume-adapter-file (and --resume's checkpoint): start from saved weights, like mlx_lm. The file must fit
+    this set-up exactly: a partial or foreign file would silently train from scratch or mix two runs."""
+    from safetensors import SafetensorError
+
     path = Path(path)
     if path.is_dir():
         path = path / (FULL_WEIGHTS if (path / FULL_WEIGHTS).is_file() else PEFT_WEIGHTS)
     if not path.is_file():
         raise LiandanError(f"--resume-adapter-file {path}: file not found")
-    state = load_file(str(path))
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise LiandanError(f"{path}: cannot read it as safetensors weights ({str(exc).splitlines()[0]})") from None
+    try:
+        if hasattr(model, "peft_config"):
+            from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise LiandanError(f"--resume-adapter-file {path}: weights do not match this LoRA set-up")
-    else:
-        model.load_state_dict(state, strict=False)
+            result = set_peft_model_state_dict(model, state)
+        else:
+            result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # torch lists every size mismatch, one per line: the first one says enough
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        first = next((line.strip() for line in lines if "size mismatch" in line), lines[0])
+        raise LiandanError(f"{path}: does not fit this model ({first}); was it trained with another LoRA rank, "
+                           "--num-layers or base model?") from None
+    kind = "LoRA/DoRA" if hasattr(model, "peft_config") else "full fine-tuning"
+    unexpected = list(result.unexpected_keys)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(k for k in result.missing_keys if k in trainable)
+    if len(unexpected) == len(state):
+        example = f" (e.g. {unexpected[0]})" if unexpected else ""
+        raise LiandanError(f"{path}: none of its {len(state)} tensors fits this {kind} set-up{example}; "
+                           "check --fine-tune-type, --num-layers and the base model")
+    if unexpected or missing:
+        what = f"{len(unexpected)} tensor(s) this set-up lacks (e.g. {unexpected[0]})" if unexpected else \
+            f"no weights for {len(missing)} trained tensor(s) (e.g. {missing[0]})"
+        raise LiandanError(f"{path}: does not fit this {kind} set-up: it has {what}; check --fine-tune-type, "
+                           "--num-layers, lora_parameters and the base model")
 
 
 def make_record(cfg: TrainConfig, base_model: str, rendering: Rendering, iteration: int,

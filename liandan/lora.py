@@ -103,12 +103,16 @@ def main(args: argparse.Namespace) -> int:
     from liandan.dist import init_distributed, shutdown
     from liandan.train import TrainingInterrupted
 
+    import torch
+
     from liandan.atomic import removed_if_failed
 
     dist = init_distributed()
     try:
         with removed_if_failed(cfg.adapter_path) if cfg.train else contextlib.nullcontext():
             return run(cfg, dist=dist)
+    except torch.OutOfMemoryError as exc:  # before RuntimeError, its base class
+        raise LiandanError(out_of_memory(cfg, exc)) from None
     except RuntimeError as exc:
         if not dist.enabled:
             raise
@@ -116,16 +120,38 @@ def main(args: argparse.Namespace) -> int:
         raise LiandanError(f"rank {dist.rank}: the distributed run failed ({str(exc).splitlines()[0][:200]}); "
                            "completed checkpoints are intact, no partial adapter was written") from None
     except TrainingInterrupted as stop:
-        import shlex
         import signal
         import sys
 
-        again = [a for a in sys.argv[1:] if a not in ("--overwrite", "--resume")]
         print(f"\nStopped at iteration {stop.iteration}; checkpoint saved in {stop.checkpoint}.\n"
-              f"Resume with: liandan {shlex.join(again)} --resume", file=sys.stderr)
+              f"Resume with: {resume_command(sys.argv[1:])}", file=sys.stderr)
         return 130 if stop.signum == signal.SIGINT else 143
     finally:
         shutdown(dist)
+
+
+def out_of_memory(cfg: TrainConfig, exc: Exception) -> str:
+    """The one line for a GPU out-of-memory error: what to change, and that saved checkpoints are intact."""
+    said = ". ".join(str(exc).split(". ")[:2])[:160]  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+    fixes = f"a smaller --batch-size (now {cfg.batch_size}), a lower --max-seq-length (now {cfg.max_seq_length})"
+    fixes += " or fewer --num-layers" if cfg.grad_checkpoint else ", or --grad-checkpoint"
+    return f"out of GPU memory ({said}); try {fixes}. Completed checkpoints are intact"
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run from its latest checkpoint: argv without --overwrite, --resume and
+    the checkpoint --resume named (its next word unless that is an option), plus --resume."""
+    import shlex
+
+    again, skip = [], False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+        elif word == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")  # --resume PATH: the path goes too
+        elif word != "--overwrite" and not word.startswith("--resume="):
+            again.append(word)
+    return f"liandan {shlex.join(again)} --resume"
 
 
 @dataclass
@@ -165,11 +191,13 @@ def run(cfg: TrainConfig, log=print, dist=None) -> int:
     """The recipe: adapter directory → base model → data → train → test. `cfg` comes from load_config()."""
     import torch
 
+    from liandan.data.formats import check_data_path
     from liandan.dist import Dist
 
     dist = dist or Dist()
     log = log if dist.is_main else _silent  # only rank 0 talks and writes
     check_world(cfg, dist.world)
+    check_data_path(cfg.data)  # a mistyped --data folder: one line now, not after the model has loaded
     target = prepare_adapter_dir(cfg, dist, log)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -208,8 +236,8 @@ def prepare_adapter_dir(cfg: TrainConfig, dist, log) -> AdapterTarget:
     elif holds_adapter(adapter_dir) and not cfg.overwrite:
         raise LiandanError(f"{adapter_dir} already holds an adapter from another run; pass --resume to continue it, "
                            "--overwrite to replace it, or choose another --adapter-path")
-    elif cfg.overwrite and dist.is_main:
-        shutil.rmtree(adapter_dir / "checkpoints", ignore_errors=True)
+    # --overwrite: the old run's checkpoints go only when the new run saves its first one (train._checkpoint),
+    # so a typo in the data or a model that fails to load loses nothing.
     if dist.is_main:
         check_writable(adapter_dir)
     dist.barrier()
@@ -223,12 +251,49 @@ def _checkpoint_to_resume(cfg: TrainConfig, adapter_dir: Path, log) -> Path:
     checkpoint = latest_checkpoint(adapter_dir) if cfg.resume == "latest" else Path(cfg.resume)
     if checkpoint is None or not (checkpoint / TRAINER_STATE).is_file():
         raise LiandanError(f"--resume: no checkpoint found in {checkpoint or adapter_dir / 'checkpoints'}")
+    recorded = read_record(checkpoint).get("training", {})
     # Continue in the batch order the run started with (runs from before --batch-order used "length").
-    started_with = read_record(checkpoint).get("training", {}).get("batch_order", "length")
+    started_with = recorded.get("batch_order", "length")
     if started_with != cfg.batch_order:
         log(f"Note: resuming with --batch-order {started_with}, the order this run started with.")
         cfg.batch_order = started_with
+    check_same_settings(cfg, recorded)
     return checkpoint
+
+
+# The options that change what a run computes: resumed with others, it would silently become another run.
+# The training data's contents are checked against the checkpoint too (train.data_fingerprint).
+RESULT_OPTIONS = ("model", "fine_tune_type", "num_layers", "batch_size", "learning_rate", "max_seq_length", "seed",
+                  "grad_accumulation_steps", "optimizer", "optimizer_config", "lr_schedule", "lora_parameters",
+                  "mask_prompt", "prompt_feature", "completion_feature", "text_feature", "chat_feature",
+                  "system_prompt", "chat_template", "long_examples", "dtype", "replay_ratio", "replay_prompts",
+                  "replay_focus", "kl_weight", "learned_prob", "protect_directions", "max_grad_norm")
+CONFIG_ONLY = ("optimizer_config", "lr_schedule", "lora_parameters", "prompt_feature", "completion_feature",
+               "text_feature", "chat_feature")
+
+
+def check_same_settings(cfg: TrainConfig, recorded: dict) -> None:
+    """Refuse to resume with options that differ from the checkpoint's record (`training`), naming each one.
+    --iters may grow (continuing longer), unless the learning-rate schedule decays over --iters."""
+    now = cfg.to_dict()
+    names = list(RESULT_OPTIONS)
+    if cfg.lr_schedule.name != "constant" and len(cfg.lr_schedule.arguments or []) < 2:
+        names.append("iters")  # the decay's length is --iters: another one is another schedule
+    differ = [name for name in names if name in recorded and recorded[name] != now[name]]
+    if differ:
+        said = "; ".join(f"{_option(name)} {_value(now[name])} here, {_value(recorded[name])} in the checkpoint"
+                         for name in differ)
+        raise LiandanError(f"--resume: {said}; resume with the same settings or start a new run")
+
+
+def _option(name: str) -> str:
+    return f"{name} (config)" if name in CONFIG_ONLY else "--" + name.replace("_", "-")
+
+
+def _value(value) -> str:
+    import json
+
+    return "unset" if value is None else json.dumps(value) if isinstance(value, (str, dict, list)) else str(value)
 
 
 def load_base(cfg: TrainConfig) -> Base:
@@ -255,7 +320,7 @@ def load_data(cfg: TrainConfig, base: Base, record: dict, log) -> Data:
     if record.get("rendering"):
         rendering = Rendering.from_dict(record["rendering"])
     else:
-        rendering = make_rendering(base.tokenizer, cfg.system_prompt, cfg.chat_template)
+        rendering = make_rendering(base.tokenizer, cfg.system_prompt, cfg.chat_template, splits["train"].format == "tools")
         if cfg.train and splits["train"].format == "text":
             rendering.prompt_style = "raw"
     encoder = Encoder(base.tokenizer, rendering, cfg.mask_prompt)
@@ -372,6 +437,14 @@ def check_writable(directory: Path) -> None:
         raise LiandanError(f"--adapter-path {directory}: only {free / 1e6:.0f} MB free; checkpoints need more")
 
 
+def covered_examples(test_file, test_set, batches: list[list[int]]) -> list:
+    """The source examples of the encoded items the test batches hold, in file order. Items are not examples:
+    --long-examples drop leaves some out, so the item's line finds its example."""
+    by_line = {example.line: example for example in test_file.examples}
+    lines = sorted({test_set.items[i].line for batch in batches for i in batch})
+    return [by_line[line] for line in lines]
+
+
 def test_report(model, base: Base, data: Data, cfg: TrainConfig, log, base_known=None) -> dict:
     """Test loss, perplexity, exact answers, general knowledge kept, then one sentence on what the loss means.
 
@@ -386,8 +459,7 @@ def test_report(model, base: Base, data: Data, cfg: TrainConfig, log, base_known
     log(f"Test loss {loss:.3f}, Test ppl {perplexity(loss):.3f}.")
     report = {"test_loss": loss, "test_ppl": perplexity(loss)}
     if test_file.format != "text":
-        covered = sorted(i for b in eval_batches(test_set, cfg.batch_size, cfg.test_batches) for i in b)
-        examples = [test_file.examples[i] for i in covered]
+        examples = covered_examples(test_file, test_set, eval_batches(test_set, cfg.batch_size, cfg.test_batches))
         checks = exact_answers(model, tokenizer, encoder, examples, device, stop_ids)
         exact = sum(c.exact for c in checks)
         log(f"Exact answers: {exact}/{len(checks)} (greedy generation equals the expected answer and stops).")

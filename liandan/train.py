@@ -12,8 +12,10 @@ Speed notes (CPU and GPU alike):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -26,7 +28,7 @@ from tqdm import tqdm
 
 from liandan import null_space
 from liandan.adapters import decoder_layers, save_adapter_files
-from liandan.atomic import atomic_dir, atomic_path
+from liandan.atomic import atomic_dir, atomic_path, atomic_write_text
 from liandan.config import TrainConfig, lr_multiplier
 from liandan.data.batching import EncodedSet, collate, iterate_batches, padding_free_groups, pass_cost_tokens
 from liandan.device import peak_memory_gb
@@ -120,14 +122,16 @@ def gather_states(model, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
 
 
 def save_checkpoint(model, optimizer_state: dict, scheduler, adapter_dir: Path, it: int, record: dict, counters: dict,
-                    weights: dict | None = None) -> Path:
-    """Adapter + optimizer + scheduler + RNG + position in the data, as one directory written atomically."""
+                    weights: dict | None = None, extra: dict | None = None) -> Path:
+    """Adapter + optimizer + scheduler + RNG + position in the data, as one directory written atomically.
+    `extra`: more of the trainer state (the report window, the training data's fingerprint)."""
     checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
     try:
         with atomic_dir(checkpoint) as tmp:
             save_adapter_files(model, tmp, record, weights)
             torch.save({"iteration": it, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "counters": counters}, tmp / TRAINER_STATE)
+                        "torch_rng": torch.get_rng_state(), "counters": counters, **(extra or {})},
+                       tmp / TRAINER_STATE)
         save_adapter_files(model, adapter_dir, record, weights)
     except OSError as exc:
         last = latest_checkpoint(adapter_dir)
@@ -169,13 +173,21 @@ class Counters:
 
 @dataclass
 class Window:
-    """Sums since the last report."""
+    """Sums since the last report; saved with each checkpoint (less `start`), as the report's totals need them."""
 
     loss: float = 0.0
     trained: int = 0
     tokens: int = 0
     steps: int = 0
+    seconds: float = 0.0  # spent in this window before the checkpoint it was resumed from
     start: float = field(default_factory=time.perf_counter)
+
+    def saved(self) -> dict:
+        return {"loss": self.loss, "trained": self.trained, "tokens": self.tokens, "steps": self.steps,
+                "seconds": self.elapsed()}
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self.start
 
 
 @dataclass
@@ -185,6 +197,7 @@ class TrainState:
     window: Window = field(default_factory=Window)
     train_loss: float = float("nan")  # of the last report
     val_loss: float | None = None  # of the last validation
+    saved: bool = False  # whether this process has saved a checkpoint yet
 
 
 @dataclass
@@ -199,6 +212,7 @@ class _Parts:
     items: list  # batch index -> Encoded: the training set, then the replay examples
     pass_cost: int  # padded tokens that one more forward + backward pass costs (data.batching.pass_cost_tokens)
     null_space: null_space.NullSpace | None = None  # re-applied after every optimizer step (--protect-directions)
+    data_id: str = ""  # data_fingerprint() of the training set, saved with each checkpoint
 
 
 class Reporter:
@@ -208,6 +222,8 @@ class Reporter:
     def __init__(self, job: TrainJob, log=print, first: int = 1):
         main = job.dist.is_main
         self.log = log
+        if main and job.resume:
+            keep_metrics_until(job.adapter_dir / METRICS, job.resume["iteration"])
         self.metrics = open(job.adapter_dir / METRICS, "a" if job.resume else "w", encoding="utf-8") if main else None
         # disable=None: a live bar on a terminal, none in logs and CI output.
         self.bar = tqdm(total=job.cfg.iters, initial=first - 1, desc="Training", unit="it", dynamic_ncols=True,
@@ -242,6 +258,21 @@ class Reporter:
             self.metrics.close()
 
 
+def keep_metrics_until(path: Path, iteration: int) -> None:
+    """Resuming: drop the entries logged after the checkpoint (the resumed run logs those iterations again),
+    rewriting the file atomically, so that each iteration is in it once and loss.png does not zigzag."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short when the run was killed
+    atomic_write_text(path, "".join(kept))
+
+
 class _StopRequest:
     """SIGINT/SIGTERM while training: note the signal; the loop finishes the step, saves a checkpoint and stops."""
 
@@ -266,8 +297,7 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
     reporter = reporter or Reporter(job, log, state.iteration + 1)
     log(f"Starting training..., iters: {cfg.iters}" + (f" (resuming after iteration {state.iteration})" if job.resume else ""))
     model.train()
-    state.window = Window()
-    started = time.perf_counter()
+    state.window.start = started = time.perf_counter()
     with _StopRequest() as stop:
         try:
             for it in range(state.iteration + 1, cfg.iters + 1):
@@ -308,7 +338,17 @@ def _build_parts(model, job: TrainJob, log=print) -> _Parts:
                               pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng, near,
                                                                      cfg.replay_focus))
     return _Parts(forward, params, optimizer, scheduler, batches, job.train_set.items + replay,
-                  pass_cost_tokens(job.device), _null_space(model, job, log))
+                  pass_cost_tokens(job.device), _null_space(model, job, log), data_fingerprint(job.train_set))
+
+
+def data_fingerprint(train_set: EncodedSet) -> str:
+    """The training tokens and labels as rendered (file, template, system prompt, --max-seq-length, masking)."""
+    from array import array
+
+    digest = hashlib.sha256()
+    for item in train_set.items:  # as int64 bytes: a 50 MB dataset hashes in well under a second
+        digest.update(array("q", item.input_ids).tobytes() + b"|" + array("q", item.labels).tobytes() + b";")
+    return digest.hexdigest()
 
 
 def _null_space(model, job: TrainJob, log) -> null_space.NullSpace | None:
@@ -323,6 +363,10 @@ def _null_space(model, job: TrainJob, log) -> null_space.NullSpace | None:
 def _restore(job: TrainJob, model, parts: _Parts) -> TrainState:
     """A fresh state, or the checkpoint's: optimizer, schedule, RNG, counters and position in the data."""
     state, resume = TrainState(), job.resume
+    if resume and resume.get("train_data", parts.data_id) != parts.data_id:
+        raise LiandanError(f"--data {job.cfg.data}: {job.train_set.name} is not the training data the checkpoint was "
+                           "trained on (the file, the chat template, the system prompt or --max-seq-length changed); "
+                           "resume with the same data and settings or start a new run")
     if resume and job.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -334,6 +378,8 @@ def _restore(job: TrainJob, model, parts: _Parts) -> TrainState:
         torch.set_rng_state(resume["torch_rng"])
         known = {f.name for f in fields(Counters)}
         state.counters = Counters(**{k: v for k, v in resume.get("counters", {}).items() if k in known})
+        pending = {f.name for f in fields(Window)} - {"start"}
+        state.window = Window(**{k: v for k, v in resume.get("window", {}).items() if k in pending})
         state.iteration = resume["iteration"]
     for _ in range(state.iteration * job.cfg.grad_accumulation_steps):  # replay the data order up to the checkpoint
         next(parts.batches)
@@ -418,7 +464,7 @@ def _validate(model, parts: _Parts, job: TrainJob, it: int, reporter) -> float |
 def _report(state: TrainState, parts: _Parts, job: TrainJob, grad_norm: float, reporter) -> None:
     """Fold the window since the last report into the counters and report it."""
     window, counters = state.window, state.counters
-    elapsed = time.perf_counter() - window.start
+    elapsed = window.elapsed()
     counters.tokens += window.tokens
     counters.trained += window.trained
     state.train_loss = window.loss / window.trained
@@ -443,10 +489,21 @@ def _checkpoint(model, parts: _Parts, job: TrainJob, state: TrainState, reporter
     checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
     if job.dist.is_main:
         save_checkpoint(model, optimizer_state, parts.scheduler, adapter_dir, it, job.record_for(it),
-                        asdict(state.counters), weights)
+                        asdict(state.counters), weights, {"window": state.window.saved(), "train_data": parts.data_id})
+        if not job.resume and not state.saved:
+            _remove_other_checkpoints(adapter_dir, checkpoint)
         reporter.say(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
+    state.saved = True
     job.dist.barrier()
     return checkpoint
+
+
+def _remove_other_checkpoints(adapter_dir: Path, keep: Path) -> None:
+    """A fresh run (--overwrite) drops the old run's checkpoints only once it has saved one of its own: until
+    then a failed start loses nothing; after, `--resume` must not pick up the old run's latest."""
+    for old in (adapter_dir / CHECKPOINTS).glob("[0-9]" * 7):  # checkpoints only: not what else the user put there
+        if old != keep and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

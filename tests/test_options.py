@@ -152,3 +152,9 @@ def test_demo_replaces_only_an_earlier_demo(tmp_path):
     (earlier / "notes.txt").write_text("mine")
     with pytest.raises(LiandanError, match="holds notes.txt"):
         check_demo_dir(earlier)
+
+
+def test_a_mistyped_data_folder_is_one_line_before_the_model_loads(tmp_path):
+    result = liandan("lora", "--train", "--data", "./typo_dir", "--adapter-path", tmp_path / "a", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == "liandan: error: --data ./typo_dir: no such directory"
+    assert "Loading pretrained model" not in result.stdout

@@ -68,6 +68,17 @@ def test_resume_after_a_real_kill_equals_the_uninterrupted_run(reference, tiny_l
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming from" in resumed.stdout
     assert_same(expected, adapters)
+    # Every iteration reported once (none twice from before the interruption), with the uninterrupted run's totals.
+    got, want = train_reports(adapters), train_reports(root / "reference")
+    assert [r[:2] for r in got] == [r[:2] for r in want]
+    assert [r[2] for r in got] == pytest.approx([r[2] for r in want], rel=1e-6)
+
+
+def train_reports(adapters):
+    import json
+
+    entries = [json.loads(line) for line in (adapters / "metrics.jsonl").read_text().splitlines()]
+    return [(e["iteration"], e["trained_tokens"], e["train_loss"]) for e in entries if "train_loss" in e]
 
 
 def test_resume_keeps_the_batch_order_the_run_started_with(reference, tiny_llama):
@@ -132,3 +143,31 @@ def test_checkpoints_load_without_pickle_code(reference):
 
     state = load_trainer_state(latest_checkpoint(root / "reference"))  # torch.load(weights_only=True)
     assert state["iteration"] == ITERS
+
+
+def test_resumed_reports_equal_the_uninterrupted_runs(tmp_path, tiny_llama):
+    """Resumed from a checkpoint between two reports (saved at 15, reported every 10): each iteration is in
+    metrics.jsonl once, and the report at 20 (loss, trained tokens) equals the uninterrupted run's."""
+    import json
+    import shutil
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    reference = tmp_path / "reference"
+    options = ["--iters", "20", "--steps-per-report", "10", "--steps-per-eval", "5"]
+    assert liandan(*common(tmp_path / "data", reference, tiny_llama), *options).returncode == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)  # as if the run had stopped after the checkpoint of iteration 15
+    result = liandan(*common(tmp_path / "data", resumed, tiny_llama), *options, "--resume",
+                     resumed / "checkpoints" / "0000015")
+    assert result.returncode == 0, result.stderr
+
+    def entries(directory):
+        return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+    expected, got = entries(reference), entries(resumed)
+    assert [(e["iteration"], "val_loss" in e) for e in got] == [(e["iteration"], "val_loss" in e) for e in expected]
+    for want, have in zip(expected, got):
+        for key in ("train_loss", "val_loss", "trained_tokens", "tokens"):
+            if key in want:
+                assert have[key] == pytest.approx(want[key], rel=1e-6), (key, want["iteration"])
+    assert_same(load_file(str(reference / "adapter_model.safetensors")), resumed)

@@ -35,7 +35,7 @@ def encode_file(data: DataFile, encoder: Encoder, max_seq_length: int, log=print
     encoder.hand_typed.counts.clear()
     items, long_count = [], 0
     for example in data.examples:
-        enc = encoder.encode(example, limit=max_seq_length)  # chats past the limit are truncated or dropped
+        enc = _encode(data, encoder, example, max_seq_length)
         pieces = [enc]
         if len(enc.input_ids) > max_seq_length:
             long_count += 1
@@ -67,15 +67,27 @@ def encode_file(data: DataFile, encoder: Encoder, max_seq_length: int, log=print
     return EncodedSet(name, data.format, items)
 
 
+def _encode(data: DataFile, encoder: Encoder, example, max_seq_length: int) -> Encoded:
+    """One example encoded (chats past the limit truncated); a rendering error names the example's file and line."""
+    try:
+        return encoder.encode(example, limit=max_seq_length)
+    except LiandanError as exc:
+        where = f"{data.path}:{example.line}: "
+        raise (exc if str(exc).startswith(where) else LiandanError(where + str(exc))) from None
+
+
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random | None) -> list[list[int]]:
     """Indices sorted by length, cut into batches; the batch order is shuffled when rng is given.
 
-    Same idea as mlx_lm: similar lengths share a batch, so padding stays small.
+    Same idea as mlx_lm: similar lengths share a batch, so padding stays small. Unlike mlx_lm, the
+    examples left over after the full batches are not dropped: the order is the same every epoch, so
+    the same (longest) ones would never be trained. They fill a last full batch with their nearest
+    neighbours in length, trained twice that epoch (a short batch could not split evenly over processes).
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-    if not batches and order:
-        batches = [order]
+    if len(order) % batch_size:
+        batches.append(order[-batch_size:])  # the whole order when it is shorter than one batch
     if rng is not None:
         rng.shuffle(batches)
     return batches

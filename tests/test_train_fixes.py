@@ -1,0 +1,195 @@
+"""`liandan lora --train/--test`: what the reviewers found, each checked where it went wrong."""
+
+import pytest
+from conftest import write_jsonl
+
+from liandan.config import load_config
+from liandan.errors import LiandanError
+
+ROWS = [{"prompt": f"Question {i}?", "completion": f"Answer {i}."} for i in range(6)]
+
+
+def run_lora(logs=None, **options):
+    from liandan.lora import run
+
+    return run(load_config(None, options), log=(logs.append if logs is not None else lambda *_: None))
+
+
+def options(tmp_path, tiny_llama, **extra):
+    return {**dict(model=str(tiny_llama), train=True, data=str(tmp_path / "data"), adapter_path=str(tmp_path / "a"),
+                   batch_size=2, iters=2, save_every=1, val_batches=0, replay_ratio=0, seed=3), **extra}
+
+
+def checkpoints(adapters):
+    return sorted(p.name for p in (adapters / "checkpoints").iterdir())
+
+
+def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_saves_one(tmp_path, tiny_llama):
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    run_lora(**options(tmp_path, tiny_llama))
+    adapters = tmp_path / "a"
+    assert checkpoints(adapters) == ["0000001", "0000002"]
+    (tmp_path / "data" / "train.jsonl").write_text('{"prompt": "q", "comp\n')  # a typo in the data
+    with pytest.raises(LiandanError, match="train.jsonl:1: invalid JSON"):
+        run_lora(**options(tmp_path, tiny_llama, overwrite=True))
+    assert checkpoints(adapters) == ["0000001", "0000002"]
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    run_lora(**options(tmp_path, tiny_llama, overwrite=True, iters=1))
+    assert checkpoints(adapters) == ["0000001"]  # the old run's 0000002 must not be resumed
+
+
+def test_a_template_error_names_the_file_and_line(tmp_path, tiny_llama):
+    """Line 2's assistant turn has content null (a tool call): a template that cannot render it is the data's line 2."""
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    call = [{"type": "function", "function": {"name": "get_weather", "arguments": {}}}]
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "tools": tools},
+            {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": call},
+                          {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}], "tools": tools}]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    with pytest.raises(LiandanError) as error:
+        run_lora(**options(tmp_path, tiny_llama, chat_template=str(template)))
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'data' / 'train.jsonl'}:2: the chat template failed to render"), message
+    assert "\n" not in message
+
+
+def test_test_checks_the_examples_left_after_long_ones_are_dropped(tmp_path, tiny_llama):
+    long = {"prompt": "Tell me everything: " + "word " * 100, "completion": "No."}
+    short = [{"prompt": f"Short question {i}?", "completion": f"Short answer {i}."} for i in (2, 3, 4)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    write_jsonl(tmp_path / "data" / "test.jsonl", [long, *short])
+    logs = []
+    report = run_lora(logs, **options(tmp_path, tiny_llama, iters=1, test=True, test_batches=-1, max_seq_length=64,
+                                      long_examples="drop"))
+    assert report == 0
+    assert any(line.startswith("Exact answers: ") and line.endswith("/3 (greedy generation equals the expected "
+                                                                    "answer and stops).") for line in logs), logs
+    checked = [line for line in logs if line.startswith("  ✗ ")]
+    assert not any("Tell me everything" in line for line in checked)
+    assert all(any(f"Short question {i}?" in line for line in checked) for i in (2, 3, 4)), checked
+
+
+@pytest.mark.parametrize("argv", [
+    ["lora", "--train", "--data", "d", "--resume", "a/checkpoints/0000005", "--iters", "9"],
+    ["lora", "--train", "--data", "d", "--resume=a/checkpoints/0000005", "--iters", "9"],
+    ["lora", "--train", "--data", "d", "--resume", "--iters", "9"],
+    ["lora", "--train", "--overwrite", "--data", "d", "--iters", "9", "--resume"],
+])
+def test_the_resume_command_drops_the_old_checkpoint(argv):
+    from liandan.lora import resume_command
+
+    assert resume_command(argv) == "liandan lora --train --data d --iters 9 --resume"
+
+
+def finetunable(tiny_llama, **settings):
+    from liandan.adapters import setup_finetuning
+    from liandan.models import load_model, pick_device
+
+    model, _ = load_model(tiny_llama, pick_device())
+    return setup_finetuning(model, load_config(None, {"num_layers": 1, **settings}))[0]
+
+
+def lora_file(tmp_path, tiny_llama, keep=None, **settings):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(finetunable(tiny_llama, **settings)).items()}
+    path = tmp_path / "adapter.safetensors"
+    save_file({k: v for i, (k, v) in enumerate(state.items()) if keep is None or i < keep}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("make, fine_tune_type, message", [
+    (lambda tmp, llama: lora_file(tmp, llama, lora_parameters={"rank": 16}), "lora",
+     r": does not fit this model \(size mismatch for .*lora_A.*\); was it trained with another LoRA rank"),
+    (lambda tmp, llama: (tmp / "adapter.safetensors").write_text("not weights") and tmp / "adapter.safetensors",
+     "lora", ": cannot read it as safetensors weights"),
+    (lambda tmp, llama: lora_file(tmp, llama), "full", r": none of its 14 tensors fits this full fine-tuning set-up"),
+    (lambda tmp, llama: lora_file(tmp, llama, keep=4), "lora",
+     r": does not fit this LoRA/DoRA set-up: it has no weights for 10 trained tensor\(s\)"),
+])
+def test_resume_adapter_file_that_does_not_fit_is_one_line(tmp_path, tiny_llama, make, fine_tune_type, message):
+    from liandan.adapters import load_weights_into
+
+    path = make(tmp_path, tiny_llama)
+    model = finetunable(tiny_llama, fine_tune_type=fine_tune_type)
+    with pytest.raises(LiandanError, match=message) as error:
+        load_weights_into(model, path)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_resume_adapter_file_that_fits_loads(tmp_path, tiny_llama):
+    from liandan.adapters import load_weights_into
+
+    path = lora_file(tmp_path, tiny_llama)
+    load_weights_into(finetunable(tiny_llama), path)
+
+
+def test_out_of_memory_is_one_line_with_what_to_change(tmp_path, tiny_llama, monkeypatch, capsys):
+    import argparse
+
+    import torch
+
+    import liandan.lora as lora
+    import liandan.train as training
+    from liandan.cli import run as cli_run
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.25 GiB of which 1.2 GiB is free.\nMore details")
+
+    monkeypatch.setattr(training, "train", no_memory)
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    flags = {**{name: None for name in vars(lora.build_parser(argparse.ArgumentParser()).parse_args([]))},
+             **options(tmp_path, tiny_llama), "config": None}
+    assert cli_run(lora.main, argparse.Namespace(**flags)) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # (in-process, the progress bars of model loading come first)
+    assert err.startswith("liandan: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a "
+                          "smaller --batch-size (now 2), a lower --max-seq-length (now 2048), or --grad-checkpoint"), err
+
+
+def test_resume_refuses_other_settings_or_data(tmp_path, tiny_llama):
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    run_lora(**options(tmp_path, tiny_llama))
+    with pytest.raises(LiandanError, match=r"^--resume: --batch-size 3 here, 2 in the checkpoint; resume with the same "
+                                           r"settings or start a new run$"):
+        run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3, batch_size=3))
+    with pytest.raises(LiandanError, match=r'--learning-rate 0.001 here, 1e-05 in the checkpoint; --system-prompt "Be '
+                                           r'brief." here, unset in the checkpoint; resume with the same settings'):
+        run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3, learning_rate=1e-3, system_prompt="Be brief."))
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS[::-1])
+    with pytest.raises(LiandanError, match="train.jsonl is not the training data the checkpoint was trained on"):
+        run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3))
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    logs = []
+    run_lora(logs, **options(tmp_path, tiny_llama, resume="latest", iters=3))  # continuing longer is allowed
+    assert any("Resuming from" in line for line in logs) and checkpoints(tmp_path / "a")[-1] == "0000003"
+
+
+def test_iters_may_grow_unless_the_schedule_decays_over_it():
+    from liandan.lora import check_same_settings
+
+    recorded = load_config(None, {"iters": 100}).to_dict()
+    check_same_settings(load_config(None, {"iters": 200}), recorded)
+    decaying = {"lr_schedule": {"name": "cosine_decay"}}
+    recorded = load_config(None, {"iters": 100, **decaying}).to_dict()
+    with pytest.raises(LiandanError, match="--iters 200 here, 100 in the checkpoint"):
+        check_same_settings(load_config(None, {"iters": 200, **decaying}), recorded)
+
+
+def test_length_order_trains_every_example_each_epoch():
+    from liandan.data.batching import EncodedSet, iterate_batches, length_grouped_batches
+    from liandan.data.render import Encoded
+
+    batches = length_grouped_batches([10 - i for i in range(10)], 4, None)  # index 0 is the longest
+    assert [sorted(b) for b in batches] == [[6, 7, 8, 9], [2, 3, 4, 5], [0, 1, 2, 3]]
+    items = [Encoded([1] * (3 + i), [1] * (3 + i), i + 1) for i in range(10)]
+    epochs = {}
+    for epoch, batch in iterate_batches(EncodedSet("train.jsonl", "completions", items), 4, seed=0, order="length"):
+        if epoch == 2:
+            break
+        assert len(batch) == 4
+        epochs.setdefault(epoch, set()).update(batch)
+    assert epochs == {0: set(range(10)), 1: set(range(10))}
