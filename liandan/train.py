@@ -334,6 +334,9 @@ def _build_parts(model, job: TrainJob, log=print) -> _Parts:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     n, replay = len(job.train_set.items), job.replay
     near = nearest_replay(job.train_set.items, replay, seed=cfg.seed) if replay and cfg.replay_focus > 0 else []
+    if replay and cfg.replay_focus > 0 and not near:  # it matches prompts: untrained tokens, which these data lack
+        log("Note: --replay-focus found no prompts to match (text data, or --no-mask-prompt trains every token); "
+            "replay draws from the whole pool")
     batches = iterate_batches(job.train_set, cfg.batch_size, cfg.seed, replay=replay, order=cfg.batch_order,
                               pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng, near,
                                                                      cfg.replay_focus))

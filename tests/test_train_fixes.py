@@ -193,3 +193,13 @@ def test_length_order_trains_every_example_each_epoch():
         assert len(batch) == 4
         epochs.setdefault(epoch, set()).update(batch)
     assert epochs == {0: set(range(10)), 1: set(range(10))}
+
+
+def test_replay_focus_says_when_it_has_no_prompts_to_match(tmp_path, tiny_llama):
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    logs = []
+    run_lora(logs, **options(tmp_path, tiny_llama, replay_ratio=1, replay_focus=0.5, mask_prompt=False, iters=1))
+    assert any("--replay-focus found no prompts to match" in line for line in logs)
+    logs = []
+    run_lora(logs, **options(tmp_path, tiny_llama, replay_ratio=1, replay_focus=0.5, iters=1, overwrite=True))
+    assert not any("--replay-focus found no prompts" in line for line in logs)
