@@ -9,6 +9,8 @@ Full fine-tuning stores the changed tensors in `trained_weights.safetensors` ins
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -118,7 +120,9 @@ def save_adapter_files(model, directory: Path, record: dict, weights: dict | Non
         state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
         with atomic_path(directory / PEFT_WEIGHTS) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
-        model.peft_config["default"].save_pretrained(str(directory))
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".config.") as tmp:  # PEFT writes in place: swap it in
+            model.peft_config["default"].save_pretrained(tmp)
+            os.replace(Path(tmp) / "adapter_config.json", directory / "adapter_config.json")
     atomic_write_text(directory / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
 
 
