@@ -41,9 +41,11 @@ def check_demo_dir(out: Path) -> None:
         raise LiandanError(f"--out {out} is a file; choose a folder for the demo")
     shipped = {f"{split}.jsonl" for split in ("train", "valid", "test")}
     for entry in out.iterdir():
-        if entry.name not in ("data", "adapters"):
+        if entry.name not in ("data", "adapters") and not entry.name.startswith("."):  # .DS_Store and the like
             raise LiandanError(f"--out {out} holds {entry.name}, so it is not an earlier demo's folder; choose another --out")
     for path in (out / "data").iterdir() if (out / "data").is_dir() else ():
+        if path.name.startswith("."):
+            continue
         if path.name not in shipped or path.read_bytes() != (example_dir() / path.name).read_bytes():
             raise LiandanError(f"{path} is not the demo's own data; choose another --out (the demo writes data/ and "
                                "adapters/ there)")

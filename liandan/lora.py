@@ -261,15 +261,14 @@ def _checkpoint_to_resume(cfg: TrainConfig, adapter_dir: Path, log) -> Path:
     return checkpoint
 
 
-# The options that change what a run computes: resumed with others, it would silently become another run.
-# The training data's contents are checked against the checkpoint too (train.data_fingerprint).
-RESULT_OPTIONS = ("model", "fine_tune_type", "num_layers", "batch_size", "learning_rate", "max_seq_length", "seed",
+# The options that change what a run computes: resumed with others, it would silently become another run. What
+# shapes the training tokens (the data, template, system prompt, --max-seq-length, masking, field names) is checked
+# by content instead: train.data_fingerprint of the encoded training set, saved with each checkpoint.
+RESULT_OPTIONS = ("model", "fine_tune_type", "num_layers", "batch_size", "learning_rate", "seed",
                   "grad_accumulation_steps", "optimizer", "optimizer_config", "lr_schedule", "lora_parameters",
-                  "mask_prompt", "prompt_feature", "completion_feature", "text_feature", "chat_feature",
-                  "system_prompt", "chat_template", "long_examples", "dtype", "replay_ratio", "replay_prompts",
-                  "replay_focus", "kl_weight", "learned_prob", "protect_directions", "max_grad_norm")
-CONFIG_ONLY = ("optimizer_config", "lr_schedule", "lora_parameters", "prompt_feature", "completion_feature",
-               "text_feature", "chat_feature")
+                  "dtype", "replay_ratio", "replay_prompts", "replay_focus", "kl_weight", "learned_prob",
+                  "protect_directions", "max_grad_norm")
+CONFIG_ONLY = ("optimizer_config", "lr_schedule", "lora_parameters")
 
 
 def check_same_settings(cfg: TrainConfig, recorded: dict) -> None:
@@ -279,11 +278,29 @@ def check_same_settings(cfg: TrainConfig, recorded: dict) -> None:
     names = list(RESULT_OPTIONS)
     if cfg.lr_schedule.name != "constant" and len(cfg.lr_schedule.arguments or []) < 2:
         names.append("iters")  # the decay's length is --iters: another one is another schedule
-    differ = [name for name in names if name in recorded and recorded[name] != now[name]]
+    differ = [name for name in names if name in recorded and _meaning(name, recorded[name]) != _meaning(name, now[name])]
     if differ:
         said = "; ".join(f"{_option(name)} {_value(now[name])} here, {_value(recorded[name])} in the checkpoint"
                          for name in differ)
         raise LiandanError(f"--resume: {said}; resume with the same settings or start a new run")
+
+
+def _meaning(name: str, value):
+    """A recorded or given option as what it does: the default model by name, a path as the file it names, the
+    dtype as this machine resolves it, lists and tuples alike (the record is JSON)."""
+    import json
+    import os
+
+    from liandan.device import pick_device
+    from liandan.models import DEFAULT_MODEL
+
+    if name == "model":
+        value = value or DEFAULT_MODEL
+    if name in ("model", "replay_prompts") and value and os.path.exists(value):
+        return os.path.realpath(value)
+    if name == "dtype":
+        return str(pick_device(value).dtype)
+    return json.loads(json.dumps(value))
 
 
 def _option(name: str) -> str:
@@ -320,7 +337,8 @@ def load_data(cfg: TrainConfig, base: Base, record: dict, log) -> Data:
     if record.get("rendering"):
         rendering = Rendering.from_dict(record["rendering"])
     else:
-        rendering = make_rendering(base.tokenizer, cfg.system_prompt, cfg.chat_template, splits["train"].format == "tools")
+        first = splits["train"] or splits["test"]  # --test alone reads an adapter without a record: no train split
+        rendering = make_rendering(base.tokenizer, cfg.system_prompt, cfg.chat_template, first.format == "tools")
         if cfg.train and splits["train"].format == "text":
             rendering.prompt_style = "raw"
     encoder = Encoder(base.tokenizer, rendering, cfg.mask_prompt)

@@ -94,7 +94,11 @@ def text_pieces(engine, prompt_ids, max_tokens, sampling, stop: list[str], cance
     streamer = TextStreamer(engine.pipe.tokenizer)
     text, sent, finish = "", 0, "length"
     hold = max((len(s) for s in stop), default=1) - 1  # text that could still become a stop string
-    with closing(engine.stream(prompt_ids, max_tokens, sampling, result)) as tokens:
+
+    def give_up() -> bool:  # asked once the slot is ours: a request that waited while its client left or the
+        return cancelled.is_set() or stopping.is_set()  # server began to stop is not prefilled
+
+    with closing(engine.stream(prompt_ids, max_tokens, sampling, result, give_up)) as tokens:
         for token in tokens:
             if cancelled.is_set():
                 return
@@ -110,6 +114,8 @@ def text_pieces(engine, prompt_ids, max_tokens, sampling, stop: list[str], cance
                 sent = len(text) - hold
         else:
             finish = "stop" if result.stopped else "length"
+    if stopping.is_set() and not result.tokens and not result.stopped:
+        raise APIError(503, "the server is shutting down", "server_shutting_down")
     if len(text) > sent:
         yield text[sent:]
     yield {"finish_reason": finish, "prompt_tokens": len(prompt_ids), "completion_tokens": len(result.tokens)}
@@ -293,6 +299,8 @@ class Service:
                     sampling=sampling, stop=[s for s in stop if s], stopping=self.stopping)  # an empty stop string would end every answer
 
     def admit(self) -> None:
+        if self.stopping.is_set():
+            raise APIError(503, "the server is shutting down", "server_shutting_down")
         if not self.admission.enter():
             retry = self.admission.retry_after()
             raise APIError(429, f"the server is busy ({self.admission.limit} requests running or waiting); "

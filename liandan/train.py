@@ -368,8 +368,8 @@ def _restore(job: TrainJob, model, parts: _Parts) -> TrainState:
     state, resume = TrainState(), job.resume
     if resume and resume.get("train_data", parts.data_id) != parts.data_id:
         raise LiandanError(f"--data {job.cfg.data}: {job.train_set.name} is not the training data the checkpoint was "
-                           "trained on (the file, the chat template, the system prompt or --max-seq-length changed); "
-                           "resume with the same data and settings or start a new run")
+                           "trained on (its examples, or how they render: template, system prompt, --max-seq-length, "
+                           "masking); resume with the same data and settings or start a new run")
     if resume and job.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -502,8 +502,9 @@ def _checkpoint(model, parts: _Parts, job: TrainJob, state: TrainState, reporter
 
 
 def _remove_other_checkpoints(adapter_dir: Path, keep: Path) -> None:
-    """A fresh run (--overwrite) drops the old run's checkpoints only once it has saved one of its own: until
-    then a failed start loses nothing; after, `--resume` must not pick up the old run's latest."""
+    """A fresh run (not --resume) drops checkpoints an earlier run left here (with --overwrite, or after an earlier
+    run failed before saving its adapter) only once it has saved one of its own: until then a failed start loses
+    nothing; after, `--resume` must not pick up the old run's latest."""
     for old in (adapter_dir / CHECKPOINTS).glob("[0-9]" * 7):  # checkpoints only: not what else the user put there
         if old != keep and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)

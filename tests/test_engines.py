@@ -201,6 +201,9 @@ def test_both_engines_keep_to_the_context_and_refuse_undecodable_prompts(tiny_ll
     result = GenerationResult()
     list(engine.stream(list(range(5, 20)), 50, Sampling(), result))
     assert len(result.tokens) + result.stopped <= 5  # 15 prompt tokens + at most 5 new ones
+    given_up = GenerationResult()
+    assert list(engine.stream(list(range(5, 20)), 5, Sampling(), given_up, give_up=lambda: True)) == []
+    assert given_up.prompt_seconds == 0  # a request that gives up once its slot is free is not even prefilled
     long_prompt = liandan("generate", "--model", tiny_llama, "--ctx-size", "16", "-m", "30", "-p", "word " * 40)
     assert long_prompt.returncode == 2 and "the context is 16" in long_prompt.stderr, long_prompt.stderr
     piped = subprocess.run([sys.executable, "-m", "liandan", "generate", "--model", str(tiny_llama), "-p", "-"],

@@ -70,6 +70,11 @@ def test_examples_with_the_same_prompt_stay_in_one_split():
                 key = row["prompt"].lower().strip("?!")
                 assert where.setdefault(key, name) == name, f"{key} in {where[key]} and {name}"
         assert sum(map(len, splits.values())) == 90 and len(splits["valid"]) == 18 and len(splits["test"]) == 9
+    # Small ratios still get a group: 10 prompts x 3 answers at 5 % each (1.5 wanted) and 40 x 2 at 1 %.
+    small = split(records[:30], 0.05, 0.05, 0)
+    assert len(small["valid"]) == 3 and len(small["test"]) == 3 and len(small["train"]) == 24
+    pairs = [{"prompt": f"Q{i}", "completion": f"A{i}{k}"} for i in range(40) for k in range(2)]
+    assert len(split(pairs, 0.0, 0.01, 0)["test"]) == 2
 
 
 def test_one_prompt_for_all_examples_goes_to_train_with_a_note(tmp_path):
@@ -113,6 +118,8 @@ def test_check_a_folder_without_train_jsonl(tmp_path, files):
     one_line_error(result, f"{tmp_path}: no train.jsonl")
     if files:
         assert "train.JSONL" in result.stderr
+    (tmp_path / "test.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')  # what `lora --test` reads: fine
+    assert liandan("data", "check", tmp_path).returncode in (0, 1)
 
 
 def test_show_reports_a_render_error_at_its_line_and_keeps_the_report(tmp_path, tiny_llama):

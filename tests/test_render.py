@@ -1,9 +1,11 @@
 """The prompt format: stop tokens appended once, hand-typed ones recognised, prompts masked."""
 
+import pytest
 from transformers import AutoTokenizer
 
 from liandan.data.formats import Example
 from liandan.data.render import IGNORE, PLAIN_CHAT_TEMPLATE, Encoder, make_rendering, stop_token_ids
+from liandan.errors import LiandanError
 
 # Llama 3's chat template (as in its tokenizer_config.json, without the date/tools preamble): a turn ends
 # with <|eot_id|>, and <|end_of_text|> is the EOS token, so the two differ as they do in the real model.
@@ -136,5 +138,8 @@ def test_a_tokenizer_with_several_named_templates_trains_in_its_own(qwen_tokeniz
         assert make_rendering(qwen_tokenizer, tools=True).chat_template == tool_use
         qwen_tokenizer.chat_template = {"tool_use": tool_use}  # one template, whatever its name
         assert make_rendering(qwen_tokenizer).chat_template == tool_use
+        qwen_tokenizer.chat_template = {"rag": own, "tool_use": tool_use}  # no default: not guessed
+        with pytest.raises(LiandanError, match="none is named 'default'; pass one with --chat-template"):
+            make_rendering(qwen_tokenizer)
     finally:
         qwen_tokenizer.chat_template = own

@@ -156,9 +156,17 @@ def test_resume_refuses_other_settings_or_data(tmp_path, tiny_llama):
     with pytest.raises(LiandanError, match=r"^--resume: --batch-size 3 here, 2 in the checkpoint; resume with the same "
                                            r"settings or start a new run$"):
         run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3, batch_size=3))
-    with pytest.raises(LiandanError, match=r'--learning-rate 0.001 here, 1e-05 in the checkpoint; --system-prompt "Be '
-                                           r'brief." here, unset in the checkpoint; resume with the same settings'):
-        run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3, learning_rate=1e-3, system_prompt="Be brief."))
+    with pytest.raises(LiandanError, match=r"--learning-rate 0.001 here, 1e-05 in the checkpoint; --seed 4 here, 3 in "
+                                           r"the checkpoint; resume with the same settings"):
+        run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3, learning_rate=1e-3, seed=4))
+    with pytest.raises(LiandanError, match="train.jsonl is not the training data"):  # the rendered tokens changed
+        run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3, system_prompt="Be brief."))
+    from liandan.lora import check_same_settings  # the same settings written another way are the same run
+
+    (tmp_path / "link").symlink_to(tiny_llama)
+    recorded = load_config(None, options(tmp_path, tiny_llama)).to_dict()
+    check_same_settings(load_config(None, options(tmp_path, tiny_llama, model=str(tmp_path / "link"), dtype="float32",
+                                                  long_examples="truncate")), recorded)
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS[::-1])
     with pytest.raises(LiandanError, match="train.jsonl is not the training data the checkpoint was trained on"):
         run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3))

@@ -253,12 +253,13 @@ def _in_training(fmt: str | None) -> str:
 
 
 def require_train(target: Path) -> None:
-    """A data directory is what training reads: it must hold train.jsonl (exactly so named)."""
-    if not target.is_dir() or os.path.lexists(target / "train.jsonl"):
+    """A data directory is what training (or `lora --test`) reads: train.jsonl, valid.jsonl or test.jsonl,
+    exactly so named; "0 errors" for a folder training would find nothing in would mislead."""
+    if not target.is_dir() or any(os.path.lexists(target / f"{s}.jsonl") for s in ("train", "valid", "test")):
         return
     found = sorted(p.name for p in target.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"))
     held = f"it holds {', '.join(found[:5])}" + (" …" if len(found) > 5 else "") if found else "it holds no data file"
-    raise LiandanError(f"{target}: no train.jsonl, which training reads ({held}); name the file train.jsonl, "
+    raise LiandanError(f"{target}: no train.jsonl (nor valid/test.jsonl), which training reads ({held}); name the file train.jsonl, "
                        f"check one file with `liandan data check {target / 'FILE.jsonl'}`, "
                        "or convert a table with `liandan data prepare`")
 

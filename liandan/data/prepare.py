@@ -165,6 +165,12 @@ def prompt_key(record: dict) -> str:
     return normalise(prompt) or prompt  # all punctuation: only the same prompt is the same
 
 
+def fits(split_rows: list, group: list, wanted: int) -> bool:
+    """A group of same-prompt examples goes to valid/test if it fits what is left, or is the first there and at
+    most twice the size asked for (3 answers each to 10 prompts, 5 % asked: 2 wanted, a group of 3 goes)."""
+    return len(split_rows) + len(group) <= wanted or (not split_rows and 0 < wanted and len(group) <= 2 * wanted)
+
+
 def split(records: list[dict], valid_ratio: float, test_ratio: float, seed: int) -> dict[str, list[dict]]:
     """Seeded random split after removing exact duplicates. Examples with the same prompt stay together in one
     split (a group that does not fit the rest of valid or test goes to train), so no prompt leaks across splits."""
@@ -179,7 +185,7 @@ def split(records: list[dict], valid_ratio: float, test_ratio: float, seed: int)
     wanted = {"test": int(round(len(unique) * test_ratio)), "valid": int(round(len(unique) * valid_ratio))}
     splits: dict[str, list[dict]] = {"test": [], "valid": [], "train": []}
     for group in order:
-        name = next((s for s in ("test", "valid") if len(splits[s]) + len(group) <= wanted[s]), "train")
+        name = next((s for s in ("test", "valid") if fits(splits[s], group, wanted[s])), "train")
         splits[name] += group
     return splits
 

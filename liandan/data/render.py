@@ -83,7 +83,10 @@ def model_template(tokenizer, tools: bool = False) -> str | None:
     template = tokenizer.chat_template
     if isinstance(template, dict):
         name = "tool_use" if tools and "tool_use" in template else "default"
-        template = template.get(name) or (next(iter(template.values())) if len(template) == 1 else None)
+        if name not in template and len(template) > 1:  # as transformers: which one to use is not ours to guess
+            raise LiandanError(f"the model ships chat templates {', '.join(sorted(template))} and none is named "
+                               "'default'; pass one with --chat-template FILE.jinja")
+        template = template.get(name) or next(iter(template.values()), None)
     return template
 
 

@@ -142,10 +142,11 @@ class DocsContext:
                 try:
                     if not self.index.is_current():
                         self.index = open_docs(self.path, self.log)
-                except LiandanError as exc:
+                except (LiandanError, OSError) as exc:  # OSError: a file removed while it was being read
                     self.log(f"Note: --docs {self.path} changed but cannot be indexed ({exc}); "
                              "answering from the index as it was.")
-                self.checked = time.monotonic()
+                finally:
+                    self.checked = time.monotonic()
         return self.index
 
     def apply(self, messages: list[dict]) -> tuple[list[dict], list[dict]]:

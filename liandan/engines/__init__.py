@@ -67,9 +67,11 @@ class Engine:
             raise LiandanError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.context}")
         return min(max_tokens, self.context - len(prompt_ids))
 
-    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, result=None) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, result=None,
+               give_up=None) -> Iterator[int]:
         """Yield generated ids (stop tokens are not yielded); fill `result` (a GenerationResult) on the way.
-        Closing the iterator early stops the generation and frees its slot."""
+        Closing the iterator early stops the generation and frees its slot. `give_up()`, asked once the slot is
+        this request's (it may have waited in a queue), ends it there, before the prompt is read: nothing yielded."""
         raise NotImplementedError
 
     def close(self) -> None:

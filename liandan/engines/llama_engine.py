@@ -70,7 +70,7 @@ class LlamaEngine(Engine):
             raise LiandanError(f"{model_path}: {self.model.n_vocab()} tokens in the GGUF, "
                                f"{len(self.pipe.tokenizer)} in the tokenizer; delete the file to convert it again")
 
-    def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None):
+    def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None, give_up=None):
         import torch
 
         from liandan.generate import GenerationResult, make_generator, sample_next
@@ -82,6 +82,8 @@ class LlamaEngine(Engine):
         stop_ids = set(self.pipe.stop_ids)
         slot = self._take_slot()
         try:
+            if give_up is not None and give_up():
+                return
             start = time.perf_counter()
             logits = slot.prefill(prompt_ids)
             result.prompt_seconds = time.perf_counter() - start

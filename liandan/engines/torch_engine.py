@@ -18,11 +18,13 @@ class TorchEngine(Engine):
         super().__init__(pipe, ctx_size)
         self.lock = threading.Lock()
 
-    def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None):
+    def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None, give_up=None):
         from liandan.generate import stream
 
         max_tokens = self.budget(prompt_ids, max_tokens)
         with self.lock:
+            if give_up is not None and give_up():
+                return
             yield from stream(self.pipe.model, prompt_ids, max_tokens, self.pipe.stop_ids,
                               self.pipe.device.torch_device, sampling.temp, sampling.top_p, sampling.min_p,
                               sampling.seed, result)
