@@ -408,6 +408,9 @@ def train_model(cfg: TrainConfig, base: Base, data: Data, target: AdapterTarget,
         load_weights_into(model, target.resume_from)
         state = training.load_trainer_state(target.resume_from)
         log(f"Resuming from {target.resume_from} (iteration {state['iteration']})")
+        if "train_data" not in state:  # saved before checkpoints recorded their data and reports
+            log("Note: this checkpoint comes from an earlier liandan version; the resumed run may differ from an "
+                "uninterrupted one (batch order, template choice)")
         if state["iteration"] >= cfg.iters:
             raise LiandanError(f"{target.resume_from} is at iteration {state['iteration']}, already >= --iters {cfg.iters}")
     if "valid" not in data.encoded:

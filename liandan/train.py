@@ -106,7 +106,11 @@ def latest_checkpoint(adapter_dir: Path) -> Path | None:
 
 def load_trainer_state(checkpoint: Path) -> dict:
     # weights_only: a checkpoint is data, never code (no pickle execution).
-    return torch.load(Path(checkpoint) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    state = torch.load(Path(checkpoint) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    metrics = Path(checkpoint) / METRICS  # the reports up to the checkpoint, as they were (none in older ones)
+    if metrics.is_file():
+        state["metrics"] = metrics.read_text(encoding="utf-8")
+    return state
 
 
 def gather_states(model, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
@@ -132,6 +136,8 @@ def save_checkpoint(model, optimizer_state: dict, scheduler, adapter_dir: Path, 
             torch.save({"iteration": it, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "counters": counters, **(extra or {})},
                        tmp / TRAINER_STATE)
+            if (adapter_dir / METRICS).is_file():  # this run's reports so far: --resume starts from exactly these
+                shutil.copyfile(adapter_dir / METRICS, tmp / METRICS)
         save_adapter_files(model, adapter_dir, record, weights)
     except OSError as exc:
         last = latest_checkpoint(adapter_dir)
@@ -222,7 +228,9 @@ class Reporter:
     def __init__(self, job: TrainJob, log=print, first: int = 1):
         main = job.dist.is_main
         self.log = log
-        if main and job.resume:
+        if main and job.resume and "metrics" in job.resume:  # the reports as the checkpoint saw them, not what a
+            atomic_write_text(job.adapter_dir / METRICS, job.resume["metrics"])  # later run (--overwrite) wrote since
+        elif main and job.resume:
             keep_metrics_until(job.adapter_dir / METRICS, job.resume["iteration"])
         self.metrics = open(job.adapter_dir / METRICS, "a" if job.resume else "w", encoding="utf-8") if main else None
         # disable=None: a live bar on a terminal, none in logs and CI output.

@@ -1,5 +1,7 @@
 """`liandan lora --train/--test`: what the reviewers found, each checked where it went wrong."""
 
+import json
+
 import pytest
 from conftest import write_jsonl
 
@@ -211,3 +213,23 @@ def test_replay_focus_says_when_it_has_no_prompts_to_match(tmp_path, tiny_llama)
     logs = []
     run_lora(logs, **options(tmp_path, tiny_llama, replay_ratio=1, replay_focus=0.5, iters=1, overwrite=True))
     assert not any("--replay-focus found no prompts" in line for line in logs)
+
+
+def test_resume_restores_the_checkpoints_own_reports(tmp_path, tiny_llama):
+    """metrics.jsonl is saved with each checkpoint: what a later run wrote there (an --overwrite start that failed
+    before its first checkpoint) does not mix into the resumed run's reports."""
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    run_lora(**options(tmp_path, tiny_llama, iters=3, steps_per_report=1))
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    uninterrupted = metrics.read_text()
+    metrics.write_text('{"iteration": 1, "train_loss": 99.0}\n')  # another run's report
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "0000003")
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "0000002")
+    run_lora(**options(tmp_path, tiny_llama, iters=3, steps_per_report=1, resume="latest"))
+    def measured(text):  # the numbers a resumed run must reproduce: not speeds, times or this process's memory
+        return [{k: v for k, v in json.loads(line).items() if not any(w in k for w in ("sec", "time", "memory"))}
+                for line in text.splitlines()]
+
+    assert measured(metrics.read_text()) == measured(uninterrupted)
