@@ -143,3 +143,22 @@ def test_a_tokenizer_with_several_named_templates_trains_in_its_own(qwen_tokeniz
             make_rendering(qwen_tokenizer)
     finally:
         qwen_tokenizer.chat_template = own
+
+
+def test_data_check_renders_tools_data_in_the_tool_use_template_as_training_does(qwen_tokenizer, tmp_path):
+    import json
+
+    from liandan.data.cli import trains_tools
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps({**chat, "tools": tools}) + "\n")
+    own = qwen_tokenizer.chat_template
+    assert not trains_tools(qwen_tokenizer, tmp_path)  # one template: nothing to choose
+    qwen_tokenizer.chat_template = {"default": own, "tool_use": own + "{# tools #}"}
+    try:
+        assert trains_tools(qwen_tokenizer, tmp_path)
+        (tmp_path / "train.jsonl").write_text(json.dumps(chat) + "\n")
+        assert not trains_tools(qwen_tokenizer, tmp_path)
+    finally:
+        qwen_tokenizer.chat_template = own

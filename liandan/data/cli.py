@@ -113,6 +113,18 @@ def _tokenizer(model: str | None):
     return AutoTokenizer.from_pretrained(str(resolve_model(model)))
 
 
+def trains_tools(tokenizer, target: Path) -> bool:
+    """Whether `lora` would render this data in a tokenizer's `tool_use` template (a train file with tools lines):
+    only a tokenizer with several named templates asks, so only then is train.jsonl scanned."""
+    from liandan.data.formats import scan_jsonl
+
+    templates = tokenizer.chat_template
+    if not (isinstance(templates, dict) and "tool_use" in templates):
+        return False
+    train = target / "train.jsonl" if target.is_dir() else target
+    return train.is_file() and any(fmt == "tools" for fmt, _ in scan_jsonl(train))
+
+
 def main(args: argparse.Namespace) -> int:
     if args.action == "check":
         from liandan.data.check import check, render_report, require_train
@@ -126,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
             raise LiandanError(f"--max-line-bytes must be positive, got {args.max_line_bytes}")
         require_train(target)
         tokenizer = _tokenizer(args.model)
-        encoder = Encoder(tokenizer, make_rendering(tokenizer, chat_template=args.chat_template))
+        tools = trains_tools(tokenizer, target)
+        encoder = Encoder(tokenizer, make_rendering(tokenizer, chat_template=args.chat_template, tools=tools))
         names = FieldNames(args.text_feature, args.prompt_feature, args.completion_feature, args.chat_feature)
         result = check(target, encoder, args.max_seq_length, names, args.max_line_bytes)
         lines, errors, warnings = render_report(result, encoder)
