@@ -255,7 +255,7 @@ def _in_training(fmt: str | None) -> str:
 def require_train(target: Path) -> None:
     """A data directory is what training (or `lora --test`) reads: train.jsonl, valid.jsonl or test.jsonl,
     exactly so named; "0 errors" for a folder training would find nothing in would mislead."""
-    if not target.is_dir() or any(os.path.lexists(target / f"{s}.jsonl") for s in ("train", "valid", "test")):
+    if not target.is_dir() or any(os.path.lexists(target / f"{s}.jsonl") for s in _SPLITS):
         return
     found = sorted(p.name for p in target.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"))
     held = f"it holds {', '.join(found[:5])}" + (" …" if len(found) > 5 else "") if found else "it holds no data file"
