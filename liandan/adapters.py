@@ -206,8 +206,9 @@ def load_weights_into(model, path: Path) -> None:
 
 
 def make_record(cfg: TrainConfig, base_model: str, rendering: Rendering, iteration: int,
-                docs_layout: dict | None = None) -> dict:
-    """docs_layout: the retrieval prompt layout of `data from-docs --questions` data (liandan.docs.prompt)."""
+                docs_layout: dict | None = None, trained_dtype: str | None = None) -> dict:
+    """docs_layout: the retrieval prompt layout of `data from-docs --questions` data (liandan.docs.prompt).
+    trained_dtype: the precision the weights trained in ("float32"), which an unset --dtype leaves to the machine."""
     return {
         "liandan_version": __import__("liandan").__version__,
         "base_model": base_model,
@@ -216,4 +217,5 @@ def make_record(cfg: TrainConfig, base_model: str, rendering: Rendering, iterati
         "rendering": rendering.to_dict(),
         "training": cfg.to_dict(),
         **({"docs_layout": docs_layout} if docs_layout else {}),
+        **({"trained_dtype": trained_dtype} if trained_dtype else {}),
     }

@@ -11,6 +11,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from liandan.data.formats import SPLITS
 from liandan.errors import LiandanError
 
 QUESTIONS_FILE = "train.jsonl"
@@ -39,7 +40,7 @@ def check_demo_dir(out: Path) -> None:
         return
     if not out.is_dir():
         raise LiandanError(f"--out {out} is a file; choose a folder for the demo")
-    shipped = {f"{split}.jsonl" for split in ("train", "valid", "test")}
+    shipped = {f"{split}.jsonl" for split in SPLITS}
     for entry in out.iterdir():
         if entry.name not in ("data", "adapters") and not entry.name.startswith("."):  # .DS_Store and the like
             raise LiandanError(f"--out {out} holds {entry.name}, so it is not an earlier demo's folder; choose another --out")
@@ -62,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     adapter_dir = out / "adapters"
     check_demo_dir(out)
     data_dir.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "valid", "test"):
+    for split in SPLITS:
         shutil.copyfile(example_dir() / f"{split}.jsonl", data_dir / f"{split}.jsonl")
     qa = [(e.messages[0]["content"], e.messages[1]["content"]) for e in read_jsonl(data_dir / QUESTIONS_FILE).examples]
     print(f"Demo data (the seed's jokes, no stop tokens typed in): {data_dir}")

@@ -6,3 +6,7 @@ class LiandanError(Exception):
 
     The message must say what is wrong, where, and (when it helps) what to do.
     """
+
+
+class ContextExceeded(LiandanError):
+    """The prompt leaves no room in the model's context: `serve` answers it with its own error code."""

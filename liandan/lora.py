@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -251,7 +252,10 @@ def _checkpoint_to_resume(cfg: TrainConfig, adapter_dir: Path, log) -> Path:
     checkpoint = latest_checkpoint(adapter_dir) if cfg.resume == "latest" else Path(cfg.resume)
     if checkpoint is None or not (checkpoint / TRAINER_STATE).is_file():
         raise LiandanError(f"--resume: no checkpoint found in {checkpoint or adapter_dir / 'checkpoints'}")
-    recorded = read_record(checkpoint).get("training", {})
+    record = read_record(checkpoint)
+    recorded = dict(record.get("training", {}))
+    if record.get("trained_dtype"):  # an unset --dtype is fp32 on a CPU, bf16 on CUDA: compare what it trained in
+        recorded["dtype"] = record["trained_dtype"]
     # Continue in the batch order the run started with (runs from before --batch-order used "length").
     started_with = recorded.get("batch_order", "length")
     if started_with != cfg.batch_order:
@@ -415,8 +419,10 @@ def train_model(cfg: TrainConfig, base: Base, data: Data, target: AdapterTarget,
             raise LiandanError(f"{target.resume_from} is at iteration {state['iteration']}, already >= --iters {cfg.iters}")
     if "valid" not in data.encoded:
         log(f"Note: --data {cfg.data} has no valid.jsonl; training without validation.")
+    record_at = functools.partial(make_record, cfg, base.name, data.rendering, docs_layout=data.docs_layout,
+                                  trained_dtype=str(base.device.dtype).removeprefix("torch."))  # record_at(iteration)
     job = training.TrainJob(cfg, data.encoded["train"], data.encoded.get("valid"), data.pad_id, base.device.torch_device,
-                            target.path, lambda it: make_record(cfg, base.name, data.rendering, it, data.docs_layout), resume=state,
+                            target.path, record_at, resume=state,
                             dist=dist, fsdp=cfg.fsdp and dist.enabled, replay=replay)
     result = training.train(model, job, log)
     log(f"Saved final weights to {target.path}. Loss curve: {target.path / training.LOSS_PLOT}")

@@ -29,7 +29,7 @@ import uuid
 from contextlib import closing
 from typing import Annotated, Literal
 
-from liandan.errors import LiandanError
+from liandan.errors import ContextExceeded, LiandanError
 from liandan.reasoning import split_text, splitter_for
 
 log = logging.getLogger("liandan.serve")
@@ -278,13 +278,12 @@ class Service:
         self.admission = Admission(engine.slots, args.max_queue)
 
     def check(self, req, prompt_ids: list[int]) -> int:
-        if not prompt_ids:  # nothing to continue from: a model needs at least one token
-            raise APIError(400, "the prompt is empty")
-        room = self.engine.context - len(prompt_ids)
-        if room < 1:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this model's context is "
-                           f"{self.engine.context}", "context_length_exceeded")
-        return min(req.max_completion_tokens or req.max_tokens or self.args.max_tokens, room)
+        try:
+            return self.engine.budget(prompt_ids, req.max_completion_tokens or req.max_tokens or self.args.max_tokens)
+        except ContextExceeded as exc:
+            raise APIError(400, str(exc), "context_length_exceeded") from None
+        except LiandanError as exc:  # an empty prompt
+            raise APIError(400, str(exc)) from None
 
     def job(self, req, prompt_ids: list[int]) -> dict:
         from liandan.engines import Sampling

@@ -148,7 +148,7 @@ def test_a_tokenizer_with_several_named_templates_trains_in_its_own(qwen_tokeniz
 def test_data_check_renders_tools_data_in_the_tool_use_template_as_training_does(qwen_tokenizer, tmp_path):
     import json
 
-    from liandan.data.cli import trains_tools
+    from liandan.data.render import trains_tools
 
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}

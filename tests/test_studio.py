@@ -93,6 +93,25 @@ def test_rendered_examples_highlight_only_the_trained_answer(tiny_llama, tmp_pat
     assert "chats.jsonl:1</div><pre>✗ " in shown and "chats.jsonl:2" in shown and '<mark class="trained">Hello' in shown
 
 
+def test_rendered_examples_of_tools_data_use_the_tool_use_template_as_training_does(tiny_llama, tmp_path):
+    """A tokenizer that ships a "default" and a "tool_use" template: the page shows tools data as `lora` trains it."""
+    from liandan.studio import data
+
+    model = tmp_path / "two-templates"
+    shutil.copytree(tiny_llama, model)
+    (model / "additional_chat_templates").mkdir()
+    own = (model / "chat_template.jinja").read_text()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text("{{ 'TOOL-TEMPLATE ' }}" + own)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    write_jsonl(tmp_path / "chats" / "train.jsonl", [chat])
+    write_jsonl(tmp_path / "tools" / "train.jsonl", [chat, {**chat, "tools": tools}])
+    assert "TOOL-TEMPLATE" not in data.rendered_examples(tmp_path / "chats" / "train.jsonl", str(model))
+    assert "TOOL-TEMPLATE" in data.rendered_examples(tmp_path / "tools" / "train.jsonl", str(model))
+    view = data.check_data(tmp_path / "tools", str(model))
+    assert view.errors == 0, view.text
+
+
 def wait_for(condition, timeout, what):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -163,6 +163,16 @@ def test_resume_refuses_other_settings_or_data(tmp_path, tiny_llama):
         run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3, learning_rate=1e-3, seed=4))
     with pytest.raises(LiandanError, match="train.jsonl is not the training data"):  # the rendered tokens changed
         run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3, system_prompt="Be brief."))
+    import json
+
+    from liandan.adapters import RECORD
+    record_file = tmp_path / "a" / "checkpoints" / "0000002" / RECORD
+    record = json.loads(record_file.read_text())
+    assert record["trained_dtype"] == "float32" and record["training"]["dtype"] is None  # unset: fp32 on this CPU
+    record_file.write_text(json.dumps({**record, "trained_dtype": "bfloat16"}))  # as a CUDA machine leaves it
+    with pytest.raises(LiandanError, match=r'^--resume: --dtype unset here, "bfloat16" in the checkpoint; resume with'):
+        run_lora(**options(tmp_path, tiny_llama, resume="latest", iters=3))
+    record_file.write_text(json.dumps(record))
     from liandan.lora import check_same_settings  # the same settings written another way are the same run
 
     (tmp_path / "link").symlink_to(tiny_llama)

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from liandan.data.formats import MAX_LINE_BYTES, FieldNames, scan_jsonl
+from liandan.data.formats import MAX_LINE_BYTES, SPLITS, FieldNames, scan_jsonl
 from liandan.errors import LiandanError
 
 MAX_LISTED = 20
 NEAR_DUP = 0.8  # Jaccard similarity of character 5-grams above which two questions count as the same
-_SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -240,7 +239,7 @@ def check(target: Path, encoder, max_seq_length: int, names: FieldNames, max_lin
 
 
 def _rank(path: Path) -> int:
-    return _SPLITS.index(path.stem) if path.stem in _SPLITS else len(_SPLITS)
+    return SPLITS.index(path.stem) if path.stem in SPLITS else len(SPLITS)
 
 
 def _in_training(fmt: str | None) -> str:
@@ -255,7 +254,7 @@ def _in_training(fmt: str | None) -> str:
 def require_train(target: Path) -> None:
     """A data directory is what training (or `lora --test`) reads: train.jsonl, valid.jsonl or test.jsonl,
     exactly so named; "0 errors" for a folder training would find nothing in would mislead."""
-    if not target.is_dir() or any(os.path.lexists(target / f"{s}.jsonl") for s in _SPLITS):
+    if not target.is_dir() or any(os.path.lexists(target / f"{s}.jsonl") for s in SPLITS):
         return
     found = sorted(p.name for p in target.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"))
     held = f"it holds {', '.join(found[:5])}" + (" …" if len(found) > 5 else "") if found else "it holds no data file"

@@ -113,23 +113,11 @@ def _tokenizer(model: str | None):
     return AutoTokenizer.from_pretrained(str(resolve_model(model)))
 
 
-def trains_tools(tokenizer, target: Path) -> bool:
-    """Whether `lora` would render this data in a tokenizer's `tool_use` template (a train file with tools lines):
-    only a tokenizer with several named templates asks, so only then is train.jsonl scanned."""
-    from liandan.data.formats import scan_jsonl
-
-    templates = tokenizer.chat_template
-    if not (isinstance(templates, dict) and "tool_use" in templates):
-        return False
-    train = target / "train.jsonl" if target.is_dir() else target
-    return train.is_file() and any(fmt == "tools" for fmt, _ in scan_jsonl(train))
-
-
 def main(args: argparse.Namespace) -> int:
     if args.action == "check":
         from liandan.data.check import check, render_report, require_train
         from liandan.data.formats import FieldNames
-        from liandan.data.render import Encoder, make_rendering
+        from liandan.data.render import Encoder, make_rendering, trains_tools
 
         target = Path(args.target)
         if not target.exists():

@@ -264,7 +264,11 @@ def _require_string(value, key: str, where: str) -> None:
         raise LiandanError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
 
 
-def load_splits(data: str | Path, names: FieldNames | None = None, splits=("train", "valid", "test")) -> dict:
+# The files a data folder holds, in the order they are read and reported: {split}.jsonl.
+SPLITS = ("train", "valid", "test")
+
+
+def load_splits(data: str | Path, names: FieldNames | None = None, splits=SPLITS) -> dict:
     """Read the splits behind --data: a directory of {split}.jsonl files, a dataset saved with the
     `datasets` library (save_to_disk), or a Hugging Face dataset name (downloaded when online).
     Missing optional splits map to None."""

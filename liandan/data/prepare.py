@@ -17,7 +17,7 @@ from pathlib import Path
 
 from liandan.atomic import atomic_path, check_output
 from liandan.data.check import normalise
-from liandan.data.formats import MAX_LINE_BYTES, open_regular, parse_json, read_lines
+from liandan.data.formats import MAX_LINE_BYTES, SPLITS, open_regular, parse_json, read_lines
 from liandan.errors import LiandanError
 
 # Field names guessed when no --prompt/--completion/--text is given (first match wins).
@@ -201,13 +201,10 @@ def write_rows(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-SPLIT_NAMES = ("train", "valid", "test")
-
-
 def prepare(inputs: list[Path], out: Path, fmt: str, valid_ratio: float, test_ratio: float, seed: int,
             log=print, overwrite: bool = False, **fields) -> dict[str, int]:
     reads = [("the input", Path(path)) for path in inputs]
-    for name in SPLIT_NAMES:  # checked before any work: an existing split is replaced only with --overwrite
+    for name in SPLITS:  # checked before any work: an existing split is replaced only with --overwrite
         check_output(out / f"{name}.jsonl", "--out", reads, overwrite)
     records = []
     for path in inputs:

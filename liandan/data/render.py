@@ -90,6 +90,18 @@ def model_template(tokenizer, tools: bool = False) -> str | None:
     return template
 
 
+def trains_tools(tokenizer, target: Path) -> bool:
+    """Whether `lora` would render this data in a tokenizer's `tool_use` template (a train file with tools lines):
+    only a tokenizer with several named templates asks, so only then is train.jsonl scanned."""
+    from liandan.data.formats import scan_jsonl
+
+    templates = tokenizer.chat_template
+    if not (isinstance(templates, dict) and "tool_use" in templates):
+        return False
+    train = target / "train.jsonl" if target.is_dir() else target
+    return train.is_file() and any(fmt == "tools" for fmt, _ in scan_jsonl(train))
+
+
 def make_rendering(tokenizer, system_prompt: str | None = None, chat_template: str | None = None,
                    tools: bool = False) -> Rendering:
     """Choose the template (--chat-template, else the model's) and find which token ends an assistant turn in it."""

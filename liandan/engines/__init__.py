@@ -15,7 +15,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Iterator
 
-from liandan.errors import LiandanError
+from liandan.errors import ContextExceeded, LiandanError
 
 ENGINES = ("torch", "llama.cpp")
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -64,7 +64,7 @@ class Engine:
 
         require_prompt(prompt_ids)
         if len(prompt_ids) >= self.context:
-            raise LiandanError(f"the prompt has {len(prompt_ids)} tokens; the context is {self.context}")
+            raise ContextExceeded(f"the prompt has {len(prompt_ids)} tokens; the context is {self.context}")
         return min(max_tokens, self.context - len(prompt_ids))
 
     def stream(self, prompt_ids: list[int], max_tokens: int, sampling: Sampling, result=None,

@@ -13,22 +13,28 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from liandan.data.formats import SPLITS
 from liandan.errors import LiandanError
 
-SPLIT_FILES = ("train.jsonl", "valid.jsonl", "test.jsonl")
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @functools.lru_cache(maxsize=4)
-def encoder_for(model: str | None):
-    """The training renderer (chat template + stop token + prompt mask) of a model's tokenizer."""
+def tokenizer_for(model: str | None):
     from transformers import AutoTokenizer
 
-    from liandan.data.render import Encoder, make_rendering
     from liandan.models import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model)))
-    return Encoder(tokenizer, make_rendering(tokenizer))
+    return AutoTokenizer.from_pretrained(str(resolve_model(model)))
+
+
+def encoder_for(model: str | None, data: Path | None = None):
+    """The training renderer (chat template + stop token + prompt mask) of a model's tokenizer, for `data` (a
+    folder or train file) as `lora` would pick it: tools data takes a tokenizer's `tool_use` template."""
+    from liandan.data.render import Encoder, make_rendering, trains_tools
+
+    tokenizer = tokenizer_for(model)
+    return Encoder(tokenizer, make_rendering(tokenizer, tools=data is not None and trains_tools(tokenizer, Path(data))))
 
 
 @dataclass
@@ -48,7 +54,7 @@ def check_data(target: Path, model: str | None = None, max_seq_length: int = 204
     from liandan.data.check import check, render_report
     from liandan.data.formats import FieldNames
 
-    encoder = encoder_for(model)
+    encoder = encoder_for(model, target)
     result = check(Path(target), encoder, max_seq_length, FieldNames())
     lines, errors, warnings = render_report(result, encoder)
     if hide:
@@ -71,7 +77,7 @@ def stage(uploaded: list[str]) -> Path:
 def is_split_dir(directory: Path) -> bool:
     """Files named train/valid/test.jsonl are training data as they are; anything else needs `prepare`."""
     names = {p.name for p in Path(directory).iterdir()}
-    return "train.jsonl" in names and names <= set(SPLIT_FILES)
+    return "train.jsonl" in names and names <= {f"{s}.jsonl" for s in SPLITS}
 
 
 def validate_tables(directory: Path) -> list[str]:
@@ -125,7 +131,7 @@ def docs_to_data(source: Path, out: Path, model: str | None, chunk_tokens: int, 
     if chunk_tokens <= 0:
         raise LiandanError(f"chunk tokens must be positive, got {chunk_tokens}")
     said = []
-    from_docs(Path(source), Path(out), encoder_for(model).tokenizer, chunk_tokens, overlap, log=said.append)
+    from_docs(Path(source), Path(out), tokenizer_for(model), chunk_tokens, overlap, log=said.append)
     return "\n".join(said)
 
 
@@ -134,7 +140,7 @@ def rendered_examples(path: Path, model: str | None = None, count: int = 3) -> s
     from liandan.data.formats import scan_jsonl
     from liandan.data.render import IGNORE
 
-    encoder = encoder_for(model)
+    encoder = encoder_for(model, path)
     blocks = []
     for fmt, example in scan_jsonl(path):
         if fmt is None:
