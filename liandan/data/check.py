@@ -105,9 +105,10 @@ class MinHasher:
         return [(i, signature[i : i + rows].tobytes()) for i in range(0, len(signature), rows)]
 
 
-def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames,
-               max_line_bytes: int = MAX_LINE_BYTES) -> tuple[FileReport, list]:
-    """Scan one file; returns its report and (line, question, whole-example digest) for leakage checks."""
+def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames, max_line_bytes: int = MAX_LINE_BYTES,
+               keep_questions: bool = False, on_question=None) -> tuple[FileReport, list]:
+    """Scan one file; returns its report and, with keep_questions, its (line, question) pairs for the leakage
+    check. on_question(line, question) is called for each example as it is read."""
     report = FileReport(path)
     seen: dict[bytes, int] = {}
     questions = []
@@ -124,7 +125,10 @@ def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames,
                 _check_example(report, item, seen, encoder, max_seq_length)
             except LiandanError as exc:  # e.g. the chat template cannot render this example
                 _add_error(report, f"{path}:{item.line}: {exc}")
-            questions.append((item.line, question_of(item)))
+            if keep_questions:
+                questions.append((item.line, question_of(item)))
+            if on_question is not None:
+                on_question(item.line, question_of(item))
     except LiandanError as exc:  # the file cannot be read (any further): one error, the other files still checked
         _add_error(report, str(exc))
     if encoder is not None:
@@ -176,30 +180,46 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def find_leaks(train: list, held_out: list) -> list[dict]:
-    """Held-out examples whose question also appears in train: exactly (normalised) or nearly (MinHash+Jaccard)."""
-    hasher = MinHasher()
-    exact = {}
-    buckets: dict = {}
-    shingle_sets = []
-    for index, (line, text) in enumerate(held_out):
-        exact.setdefault(_digest(normalise(text)), []).append(index)
-        shingles = hasher.shingles(text)
-        shingle_sets.append(shingles)
-        for band in hasher.bands(hasher.signature(shingles)):
-            buckets.setdefault(band, []).append(index)
-    leaks: dict[int, dict] = {}
-    for train_line, text in train:
-        for index in exact.get(_digest(normalise(text)), []):
-            leaks.setdefault(index, {"line": held_out[index][0], "train_line": train_line, "kind": "exact"})
-        shingles = hasher.shingles(text)
-        candidates = {i for band in hasher.bands(hasher.signature(shingles)) for i in buckets.get(band, [])}
-        for index in candidates - set(leaks):
-            other = shingle_sets[index]
+class LeakFinder:
+    """Held-out questions indexed once (exact digests and MinHash LSH buckets); training questions are then
+    streamed past them one at a time, so a training file of any size is never held in memory."""
+
+    def __init__(self, held_out: list):
+        self.held_out, self.hasher = held_out, MinHasher()
+        self.exact: dict[bytes, list[int]] = {}
+        self.buckets: dict = {}
+        self.shingle_sets = []
+        for index, (_, text) in enumerate(held_out):
+            self.exact.setdefault(_digest(normalise(text)), []).append(index)
+            shingles = self.hasher.shingles(text)
+            self.shingle_sets.append(shingles)
+            for band in self.hasher.bands(self.hasher.signature(shingles)):
+                self.buckets.setdefault(band, []).append(index)
+        self.found: dict[int, dict] = {}
+
+    def add(self, train_line: int, text: str) -> None:
+        """Match one training question: exactly (normalised), or nearly (Jaccard of 5-gram sets >= NEAR_DUP)."""
+        for index in self.exact.get(_digest(normalise(text)), []):
+            self.found.setdefault(index, {"line": self.held_out[index][0], "train_line": train_line, "kind": "exact"})
+        shingles = self.hasher.shingles(text)
+        candidates = {i for band in self.hasher.bands(self.hasher.signature(shingles)) for i in self.buckets.get(band, [])}
+        for index in candidates - set(self.found):
+            other = self.shingle_sets[index]
             similarity = len(shingles & other) / max(len(shingles | other), 1)
             if similarity >= NEAR_DUP:
-                leaks[index] = {"line": held_out[index][0], "train_line": train_line, "kind": f"near ({similarity:.0%})"}
-    return [leaks[i] for i in sorted(leaks)]
+                self.found[index] = {"line": self.held_out[index][0], "train_line": train_line,
+                                     "kind": f"near ({similarity:.0%})"}
+
+    def leaks(self) -> list[dict]:
+        return [self.found[i] for i in sorted(self.found)]
+
+
+def find_leaks(train, held_out: list) -> list[dict]:
+    """Held-out (line, question) pairs whose question also appears among the (line, question) pairs of train."""
+    finder = LeakFinder(held_out)
+    for line, text in train:
+        finder.add(line, text)
+    return finder.leaks()
 
 
 def _length_stats(lengths: list[int]) -> dict:
@@ -225,17 +245,24 @@ def check(target: Path, encoder, max_seq_length: int, names: FieldNames, max_lin
     """Check a data directory ({train,valid,test}.jsonl, other *.jsonl too) or one file."""
     target = Path(target)
     files = sorted(target.glob("*.jsonl"), key=lambda p: (_rank(p), p.name)) if target.is_dir() else [target]
-    reports, questions = [], {}
+    held_out = [p for p in files if p.stem in ("valid", "test")] if target.is_dir() else []
+    reports, finders = {}, {}
+    for path in held_out:  # read first: their questions are what train's are matched against
+        reports[path], questions = check_file(path, encoder, max_seq_length, names, max_line_bytes, keep_questions=True)
+        if questions:
+            finders[path.stem] = LeakFinder(questions)
+
+    def match_train_question(line: int, text: str) -> None:
+        for finder in finders.values():
+            finder.add(line, text)
+
     for path in files:
-        report, qs = check_file(path, encoder, max_seq_length, names, max_line_bytes)
-        reports.append(report)
-        questions[path.stem] = qs
-    leakage = {}
-    if "train" in questions:
-        for split in ("valid", "test"):
-            if questions.get(split):
-                leakage[split] = find_leaks(questions["train"], questions[split])
-    return {"files": reports, "leakage": leakage, "max_seq_length": max_seq_length}
+        if path not in reports:
+            reports[path], _ = check_file(path, encoder, max_seq_length, names, max_line_bytes,
+                                          on_question=match_train_question if path.stem == "train" else None)
+    trained = any(p.stem == "train" for p in files)
+    leakage = {split: finder.leaks() for split, finder in finders.items() if trained}
+    return {"files": [reports[p] for p in files], "leakage": leakage, "max_seq_length": max_seq_length}
 
 
 def _rank(path: Path) -> int:
