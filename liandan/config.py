@@ -55,6 +55,7 @@ class TrainConfig:
     resume_adapter_file: str | None = None
     adapter_path: str = "adapters"
     save_every: int = 100
+    keep_checkpoints: int | None = None  # the newest N under checkpoints/; None keeps every one
     test: bool = False
     test_batches: int = 500
     max_seq_length: int = 2048
@@ -147,6 +148,7 @@ RULES = {
     "resume_adapter_file": Rule(str, _NOT_EMPTY, optional=True),
     "adapter_path": Rule(str, _NOT_EMPTY),
     "save_every": Rule(int, _POSITIVE),
+    "keep_checkpoints": Rule(int, _POSITIVE, optional=True),
     "test": Rule(bool),
     "test_batches": Rule(int, _ALL_OR_POSITIVE),
     "max_seq_length": Rule(int, _POSITIVE),

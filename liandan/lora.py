@@ -42,6 +42,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--resume-adapter-file", help="Start from these adapter weights (fresh optimizer)")
     add("--adapter-path", help="Save/load path for the adapter (default: adapters)")
     add("--save-every", type=int, help="Save the adapter every N iterations (default 100)")
+    add("--keep-checkpoints", type=int, metavar="N",
+        help="Keep only the newest N checkpoints of this run under ADAPTER_PATH/checkpoints (default: all)")
     add("--test", action="store_true", default=None, help="Evaluate on the test set (after training, if --train)")
     add("--test-batches", type=int, help="Number of test batches, -1 uses the entire test set (default 500)")
     add("--max-seq-length", type=int, help="Maximum sequence length in tokens (default 2048)")

@@ -99,8 +99,13 @@ def make_optimizer(params, cfg: TrainConfig):
     return torch.optim.SGD(params, lr=cfg.learning_rate, **extra)
 
 
+def complete_checkpoints(adapter_dir: Path) -> list[Path]:
+    """The checkpoints a run can resume from, oldest first (one cut short by a crash has no trainer state)."""
+    return sorted(p for p in (Path(adapter_dir) / CHECKPOINTS).glob("[0-9]" * 7) if (p / TRAINER_STATE).is_file())
+
+
 def latest_checkpoint(adapter_dir: Path) -> Path | None:
-    found = sorted(p for p in (Path(adapter_dir) / CHECKPOINTS).glob("[0-9]" * 7) if (p / TRAINER_STATE).is_file())
+    found = complete_checkpoints(adapter_dir)
     return found[-1] if found else None
 
 
@@ -503,6 +508,8 @@ def _checkpoint(model, parts: _Parts, job: TrainJob, state: TrainState, reporter
                         asdict(state.counters), weights, {"window": state.window.saved(), "train_data": parts.data_id})
         if not job.resume and not state.saved:
             _remove_other_checkpoints(adapter_dir, checkpoint)
+        if job.cfg.keep_checkpoints:
+            _remove_older_checkpoints(adapter_dir, job.cfg.keep_checkpoints)
         reporter.say(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
     state.saved = True
     job.dist.barrier()
@@ -516,6 +523,13 @@ def _remove_other_checkpoints(adapter_dir: Path, keep: Path) -> None:
     for old in (adapter_dir / CHECKPOINTS).glob("[0-9]" * 7):  # checkpoints only: not what else the user put there
         if old != keep and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_older_checkpoints(adapter_dir: Path, keep: int) -> None:
+    """--keep-checkpoints N: a full fine-tune's checkpoint holds the weights and twice as much optimizer state,
+    so a long run would fill the disk. Only complete checkpoints count: the newest N can always resume."""
+    for old in complete_checkpoints(adapter_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

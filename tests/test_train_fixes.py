@@ -40,6 +40,18 @@ def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_saves_one(tmp_pat
     assert checkpoints(adapters) == ["0000001"]  # the old run's 0000002 must not be resumed
 
 
+def test_keep_checkpoints_keeps_the_newest_complete_ones(tmp_path, tiny_llama):
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    run_lora(**options(tmp_path, tiny_llama, iters=4, keep_checkpoints=2))
+    adapters = tmp_path / "a"
+    assert checkpoints(adapters) == ["0000003", "0000004"]
+    run_lora(**options(tmp_path, tiny_llama, iters=6, resume="latest"))  # unset: every checkpoint stays
+    assert checkpoints(adapters) == ["0000003", "0000004", "0000005", "0000006"]
+    (adapters / "checkpoints" / "0000007").mkdir()  # cut short (no trainer state): does not count, is not resumed
+    run_lora(**options(tmp_path, tiny_llama, iters=7, resume="latest", keep_checkpoints=1))
+    assert checkpoints(adapters) == ["0000007"]
+
+
 def test_a_template_error_names_the_file_and_line(tmp_path, tiny_llama):
     """Line 2's assistant turn has content null (a tool call): a template that cannot render it is the data's line 2."""
     template = tmp_path / "strict.jinja"
