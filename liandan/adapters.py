@@ -25,6 +25,7 @@ from liandan.models import unwrap
 RECORD = "liandan.json"
 FULL_WEIGHTS = "trained_weights.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -122,7 +123,7 @@ def save_adapter_files(model, directory: Path, record: dict, weights: dict | Non
             save_file(state, str(tmp), metadata={"format": "pt"})
         with tempfile.TemporaryDirectory(dir=directory, prefix=".config.") as tmp:  # PEFT writes in place: swap it in
             model.peft_config["default"].save_pretrained(tmp)
-            os.replace(Path(tmp) / "adapter_config.json", directory / "adapter_config.json")
+            os.replace(Path(tmp) / PEFT_CONFIG, directory / PEFT_CONFIG)
     atomic_write_text(directory / RECORD, json.dumps(record, indent=2, ensure_ascii=False))
 
 

@@ -1,4 +1,5 @@
-"""`liandan <command>`: parse arguments and dispatch to the command's module. No logic here."""
+"""`liandan <command>`: parse arguments, dispatch to the command's module, and turn what goes wrong into one
+line and an exit code (errors.py). No command logic here."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from liandan import __version__
+from liandan.errors import EXIT_INPUT, EXIT_INTERNAL
 
 # command -> (module, one-line help). Modules are imported only when their command runs,
 # so `liandan --help` stays instant.
@@ -54,16 +56,13 @@ def _dispatch(argv: list[str]) -> int:
     return module.main(args)
 
 
-# Exit codes: 0 done, 1 warnings (`data check`), 2 a problem with the input or options, 3 a bug in liandan.
-# 3 rather than Python's 1, so a crash can never pass for "warnings" in a CI job that accepts 1.
-EXIT_INPUT, EXIT_INTERNAL = 2, 3
 
 
 class OneLineErrors(argparse.ArgumentParser):
     """A bad flag is one line, like every other liandan error (argparse would print the whole usage first)."""
 
     def error(self, message: str):
-        self.exit(2, f"liandan: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_INPUT, f"liandan: error: {message} (see {self.prog} --help)\n")
 
 
 def run(func, args) -> int:

@@ -88,7 +88,7 @@ class TrainConfig:
     replay_prompts: str | None = None  # a file of one's own replay prompts (JSONL "prompt" or one per line)
     replay_focus: float = 0.0  # share of replay drawn from the prompts nearest the training ones (replay.nearest_replay)
     docs: str | None = None  # --test with retrieval: a folder of documents or a saved index (liandan.docs)
-    top_k: int | None = None  # chunks per question with --docs (default: the recorded layout's, else 3)
+    top_k: int | None = None  # chunks per question with --docs (default: the recorded layout's, else docs.prompt.DEFAULT_TOP_K)
     kl_weight: float = 3.0  # pull replay positions toward the base model's own distribution (KL); 0 = plain replay
     # A trained token already predicted with at least this probability gets no more gradient (0 = off):
     # once an answer is learned, pushing it further only drifts the weights (evaluate.learned_tokens_stop).
@@ -128,16 +128,13 @@ _POSITIVE = (lambda v: v > 0, "positive")
 _NOT_NEGATIVE = (lambda v: v >= 0, "zero or more")
 _ALL_OR_POSITIVE = (lambda v: v == -1 or v > 0, "positive or -1 (all)")
 _NOT_EMPTY = (lambda v: v != "", "non-empty text")
-_FINE_TUNE_TYPES = ("lora", "dora", "full")
-LONG_EXAMPLE_POLICIES = ("truncate", "split", "drop")  # data.batching.encode_file applies them
-_OPTIMIZERS = ("adam", "adamw", "sgd")
 
 # Every option of TrainConfig and its nested tables, checked by validate() before any model or data loads.
 RULES = {
     "model": Rule(str, optional=True),
     "train": Rule(bool),
     "data": Rule(str, _NOT_EMPTY),
-    "fine_tune_type": Rule(str, choices=_FINE_TUNE_TYPES),
+    "fine_tune_type": Rule(str, choices=("lora", "dora", "full")),
     "num_layers": Rule(int, _ALL_OR_POSITIVE),
     "batch_size": Rule(int, _POSITIVE),
     "iters": Rule(int, _POSITIVE),
@@ -155,7 +152,7 @@ RULES = {
     "grad_checkpoint": Rule(bool),
     "seed": Rule(int, (lambda v: 0 <= v < 2**63, "between 0 and 2^63-1")),
     "grad_accumulation_steps": Rule(int, _POSITIVE),
-    "optimizer": Rule(str, choices=_OPTIMIZERS),
+    "optimizer": Rule(str, choices=("adam", "adamw", "sgd")),  # train.make_optimizer builds them
     "optimizer_config": Rule(dict),  # {optimizer: {keyword: value}}, checked by _check_optimizer_config
     "lr_schedule": Rule(LRSchedule),
     "lr_schedule.name": Rule(str, choices=("constant", "cosine_decay", "linear_decay")),
@@ -179,7 +176,7 @@ RULES = {
     "text_feature": Rule(str, _NOT_EMPTY),
     "chat_feature": Rule(str, _NOT_EMPTY),
     "system_prompt": Rule(str, optional=True),
-    "long_examples": Rule(str, choices=LONG_EXAMPLE_POLICIES, optional=True),
+    "long_examples": Rule(str, choices=("truncate", "split", "drop"), optional=True),  # data.batching.encode_file
     "dtype": Rule(str, choices=tuple(DTYPES), optional=True),
     "overwrite": Rule(bool),
     "resume": Rule(str, _NOT_EMPTY, optional=True),
@@ -198,9 +195,27 @@ RULES = {
     "docs": Rule(str, _NOT_EMPTY, optional=True),
     "top_k": Rule(int, _POSITIVE, optional=True),
 }
-_NO_FLAG = {"optimizer_config", "lr_schedule", "lora_parameters"}  # set in YAML (or from Python) only
+CONFIG_ONLY = ("optimizer_config", "lr_schedule", "lora_parameters")  # set in YAML (or from Python) only, no flag
 _KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", list: "a list",
                dict: "a mapping", LoraParameters: "a mapping", LRSchedule: "a mapping"}
+
+
+def flag_of(name: str) -> str:
+    """An option's `liandan lora` flag: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def lora_flags(options: dict) -> list[str]:
+    """TrainConfig field names and values -> `liandan lora` flags (True: a bare flag; False/None: left out)."""
+    flags = []
+    for name, value in options.items():
+        if name == "mask_prompt":
+            flags += [] if value else ["--no-mask-prompt"]
+        elif value is True:
+            flags.append(flag_of(name))
+        elif value is not None and value is not False and value != "":
+            flags += [flag_of(name), str(value)]
+    return flags
 
 
 def _is_number(value) -> bool:
@@ -217,7 +232,7 @@ class _Names:
         if key.split(".")[0] in self.from_yaml:
             line = self.lines.get(key, self.lines.get(key.split(".")[0]))
             return f"{self.path}{f':{line}' if line else ''}: {key}"
-        return key if "." in key or key in _NO_FLAG else "--" + key.replace("_", "-")
+        return key if "." in key or key in CONFIG_ONLY else flag_of(key)
 
 
 def _checked(key: str, value, name):
@@ -268,8 +283,8 @@ def _check_optimizer_config(cfg: TrainConfig, name) -> None:
     so that a wrong keyword or value is refused now, not after the model has loaded."""
     for optimizer, options in cfg.optimizer_config.items():
         key = f"optimizer_config.{optimizer}"
-        if optimizer not in _OPTIMIZERS:
-            raise LiandanError(f"{name('optimizer_config')}: {optimizer!r} must be one of {', '.join(_OPTIMIZERS)}")
+        if optimizer not in RULES["optimizer"].choices:
+            raise LiandanError(f"{name('optimizer_config')}: {optimizer!r} must be one of {', '.join(RULES['optimizer'].choices)}")
         if not isinstance(options, dict):
             raise LiandanError(f"{name(key)} must be a mapping of keyword: value, got {options!r}")
         if optimizer == cfg.optimizer and options:

@@ -1,7 +1,8 @@
 """`liandan demo`: the seed blog post's six joke answers, learned and stopped, on the embedded model.
 
-Answers before training, LoRA with the seed's settings (lr 1e-4, batch 2) and mlx_lm's defaults
-otherwise, test loss, then answers after training, each checked to be exact and to stop.
+Answers before training, LoRA with the seed's settings (lr 1e-4, batch 2), 200 iterations, liandan's
+forgetting guard plus protected directions (the options printed with the command), test loss, then answers
+after training, each checked to be exact and to stop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from liandan.data.formats import SPLITS
 from liandan.errors import LiandanError
+from liandan.models import DEFAULT_MODEL
 
 QUESTIONS_FILE = "train.jsonl"
 # --protect-directions for a demo of 200 iterations or more: it keeps the capital of France and 149-154 of 158
@@ -23,7 +25,7 @@ PROTECT_DIRECTIONS, PROTECT_FROM_ITERS = 192, 200
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="liandan-demo", help="Working directory for data and adapters (default: liandan-demo)")
-    parser.add_argument("--model", default=None, help="Base model (default: the embedded smollm2-135m)")
+    parser.add_argument("--model", default=None, help=f"Base model (default: the embedded {DEFAULT_MODEL})")
     parser.add_argument("--iters", type=int, default=200, help="Training iterations (default 200)")
     parser.add_argument("--max-tokens", type=int, default=30, help="Token budget per answer (default 30)")
     return parser
@@ -53,7 +55,7 @@ def check_demo_dir(out: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from liandan.config import load_config
+    from liandan.config import load_config, lora_flags
     from liandan.data.formats import read_jsonl
     from liandan.generate import generate, load_pipeline, prompt_ids_for
     from liandan.lora import run
@@ -85,15 +87,14 @@ def main(args: argparse.Namespace) -> int:
     del before
 
     protect = PROTECT_DIRECTIONS if args.iters >= PROTECT_FROM_ITERS else 0
-    print("\n== Fine-tuning: liandan lora --train --test --learning-rate 1e-4 --batch-size 2 --val-batches -1"
-          + (f" --protect-directions {protect}" if protect else "") + " ==")
-    cfg = load_config(None, {
+    options = {
         "model": args.model, "train": True, "test": True, "data": str(data_dir), "adapter_path": str(adapter_dir),
         "learning_rate": 1e-4, "batch_size": 2, "val_batches": -1, "iters": args.iters, "steps_per_eval": 50,
         "steps_per_report": 25, "save_every": args.iters, "test_batches": -1, "overwrite": True,
-        "protect_directions": protect,
-    })
-    run(cfg)
+        **({"protect_directions": protect} if protect else {}),
+    }
+    print(f"\n== Fine-tuning: liandan lora {' '.join(lora_flags(options))} ==")
+    run(load_config(None, options))
 
     after = load_pipeline(args.model, str(adapter_dir))
     good = ask(after, "After fine-tuning")

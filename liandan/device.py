@@ -7,6 +7,7 @@ from dataclasses import dataclass
 # --dtype spellings -> torch dtype names (config.py validates --dtype against these keys).
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+DTYPE_HELP = "float32, bfloat16 or float16 (default: bf16 on CUDA cards that support it, else fp32)"  # pick_device
 
 
 @dataclass

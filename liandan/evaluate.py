@@ -91,7 +91,8 @@ def evaluate_loss(model, data: EncodedSet, batch_size: int, max_batches: int, pa
                   forward=None) -> tuple[float, int]:
     """Mean loss per trained token over (up to max_batches of) a set.
 
-    `forward(batch) -> (loss sum, tokens)` replaces supervised_loss when the model is wrapped (DDP/FSDP)."""
+    `forward(batch) -> (loss sum, tokens)` replaces supervised_loss (training validates through its own, which
+    also works when the model is wrapped in DDP/FSDP)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0

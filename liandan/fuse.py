@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from liandan.adapters import RECORD
+from liandan.config import TrainConfig
 from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.errors import LiandanError
 from liandan.export.quantize import OUTTYPE_HELP
@@ -20,7 +21,8 @@ from liandan.export.quantize import OUTTYPE_HELP
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="Base model (default: the adapter's base model)")
-    parser.add_argument("--adapter-path", default="adapters", help="Adapter directory (default: adapters)")
+    adapters = TrainConfig.adapter_path  # where `liandan lora` saves by default
+    parser.add_argument("--adapter-path", default=adapters, help=f"Adapter directory (default: {adapters})")
     parser.add_argument("--save-path", default="fused_model", help="Where to write the fused model (default: fused_model)")
     parser.add_argument("--export-gguf", action="store_true", help="Also write a GGUF file for llama.cpp / Ollama")
     parser.add_argument("--gguf-path", default=None, help="GGUF file (default: SAVE_PATH/ggml-model-OUTTYPE.gguf)")

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from liandan.data.render import CHAT_TEMPLATE_HELP, stop_token_ids
-from liandan.device import peak_memory_gb
+from liandan.device import DTYPE_HELP, peak_memory_gb
 from liandan.docs.prompt import TOP_K_HELP
 from liandan.errors import LiandanError
+from liandan.models import DEFAULT_MODEL
 from liandan.reasoning import ShownAnswer, splitter_for
 
 
@@ -223,9 +224,9 @@ def prompt_ids_for(pipe: Pipeline, prompt: str | list[dict], ignore_chat_templat
 # ---------------------------------------------------------------- CLI
 def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argparse.ArgumentParser:
     """The options generate, chat and serve share: model, adapter, rendering, sampling, engine."""
-    from liandan.engines import ENGINES, GGUF_TYPES
+    from liandan.engines import DEFAULT_GGUF_TYPE, ENGINES, GGUF_TYPES, LLAMA_DEFAULT_CTX, LLAMA_INSTALL
 
-    parser.add_argument("--model", help="Model directory, .gguf file, Hub id, or 'smollm2-135m' (default; "
+    parser.add_argument("--model", help=f"Model directory, .gguf file, Hub id, or '{DEFAULT_MODEL}' (default; "
                         "with --adapter-path, the adapter's base model)")
     parser.add_argument("--adapter-path", help="Adapter directory written by `liandan lora`")
     parser.add_argument("--system-prompt", default=None, help="System prompt (default: the one used in training)")
@@ -238,15 +239,14 @@ def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argp
     parser.add_argument("--extra-eos-token", nargs="+", default=[], help="More tokens that stop generation")
     parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
     parser.add_argument("--engine", choices=ENGINES, default="torch",
-                        help="torch (default) or llama.cpp (needs `pip install 'liandan[llama]'`; the GGUFs "
+                        help=f"torch (default) or llama.cpp (needs `{LLAMA_INSTALL}`; the GGUFs "
                              "are converted once and cached)")
-    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="q8_0",
-                        help="With --engine llama.cpp: the base model's GGUF tensor type (default q8_0)")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=DEFAULT_GGUF_TYPE,
+                        help=f"With --engine llama.cpp: the base model's GGUF tensor type (default {DEFAULT_GGUF_TYPE})")
     parser.add_argument("--ctx-size", type=int, default=None,
                         help="Context window in tokens, prompt and answer (default: the model's; with --engine "
-                             "llama.cpp at most 4096, as its KV cache is allocated up front for every slot)")
-    parser.add_argument("--dtype", default=None, help="With --engine torch: float32, bfloat16 or float16 "
-                        "(default: fp32 on CPU, bf16 on CUDA)")
+                             f"llama.cpp at most {LLAMA_DEFAULT_CTX}, as its KV cache is allocated up front for every slot)")
+    parser.add_argument("--dtype", default=None, help=f"With --engine torch: {DTYPE_HELP}")
     parser.add_argument("--trust-remote-code", action="store_true", help="Allow model code from the model directory")
     parser.add_argument("--docs", help="Answer from these documents: a folder (Markdown/text/HTML) or a `liandan docs index`")
     parser.add_argument("--top-k", type=int, default=None, help=TOP_K_HELP)

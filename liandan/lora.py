@@ -14,54 +14,53 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from liandan.config import TrainConfig, check_world, load_config
+from liandan.config import CONFIG_ONLY, RULES, TrainConfig, check_world, flag_of, load_config
 from liandan.data.formats import load_splits
 from liandan.data.render import CHAT_TEMPLATE_HELP, Encoder, Rendering, make_rendering, stop_token_ids
 from liandan.docs.prompt import TOP_K_HELP
-from liandan.device import Device, pick_device
+from liandan.device import DTYPE_HELP, Device, pick_device
 from liandan.errors import LiandanError
 from liandan.models import DEFAULT_MODEL, load_model, resolve_model
 
-DESCRIPTION = "Fine-tune a model with LoRA, DoRA or full fine-tuning (mlx_lm.lora-compatible flags)."
-
-
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    # Every default is None so that a YAML config can supply the value; config.TrainConfig holds the defaults.
-    add = parser.add_argument
-    add("--model", help="Model directory, .gguf file, Hub id, or 'smollm2-135m' (the embedded default)")
+    # Every default is None so that a YAML config can supply the value; config.TrainConfig holds the defaults,
+    # which the help texts read from it.
+    add, d = parser.add_argument, TrainConfig()
+    add("--model", help=f"Model directory, .gguf file, Hub id, or '{DEFAULT_MODEL}' (default: the embedded model; "
+                         "with --test alone, the adapter's base model)")
     add("--train", action="store_true", default=None, help="Do training")
     add("--data", help="Directory with {train, valid, test}.jsonl files")
-    add("--fine-tune-type", choices=["lora", "dora", "full"], help="Type of fine-tuning (default: lora)")
-    add("--num-layers", type=int, help="Number of layers to fine-tune, counted from the top (default 16, -1 for all)")
-    add("--batch-size", type=int, help="Minibatch size (default 4)")
-    add("--iters", type=int, help="Iterations to train for (default 1000)")
-    add("--val-batches", type=int, help="Number of validation batches, -1 uses the entire validation set (default 25)")
-    add("--learning-rate", type=float, help="Learning rate (default 1e-5)")
-    add("--steps-per-report", type=int, help="Training steps between loss reports (default 10)")
-    add("--steps-per-eval", type=int, help="Training steps between validations (default 200)")
+    add("--fine-tune-type", choices=RULES["fine_tune_type"].choices, help=f"Type of fine-tuning (default: {d.fine_tune_type})")
+    add("--num-layers", type=int, help=f"Number of layers to fine-tune, counted from the top (default {d.num_layers}, -1 for all)")
+    add("--batch-size", type=int, help=f"Minibatch size (default {d.batch_size})")
+    add("--iters", type=int, help=f"Iterations to train for (default {d.iters})")
+    add("--val-batches", type=int, help=f"Number of validation batches, -1 uses the entire validation set (default {d.val_batches})")
+    add("--learning-rate", type=float, help=f"Learning rate (default {d.learning_rate:g})")
+    add("--steps-per-report", type=int, help=f"Training steps between loss reports (default {d.steps_per_report})")
+    add("--steps-per-eval", type=int, help=f"Training steps between validations (default {d.steps_per_eval})")
     add("--resume-adapter-file", help="Start from these adapter weights (fresh optimizer)")
-    add("--adapter-path", help="Save/load path for the adapter (default: adapters)")
-    add("--save-every", type=int, help="Save the adapter every N iterations (default 100)")
+    add("--adapter-path", help=f"Save/load path for the adapter (default: {d.adapter_path})")
+    add("--save-every", type=int, help=f"Save the adapter every N iterations (default {d.save_every})")
     add("--keep-checkpoints", type=int, metavar="N",
         help="Keep only the newest N checkpoints of this run under ADAPTER_PATH/checkpoints (default: all)")
     add("--test", action="store_true", default=None, help="Evaluate on the test set (after training, if --train)")
-    add("--test-batches", type=int, help="Number of test batches, -1 uses the entire test set (default 500)")
-    add("--max-seq-length", type=int, help="Maximum sequence length in tokens (default 2048)")
+    add("--test-batches", type=int, help=f"Number of test batches, -1 uses the entire test set (default {d.test_batches})")
+    add("--max-seq-length", type=int, help=f"Maximum sequence length in tokens (default {d.max_seq_length})")
     add("-c", "--config", help="A YAML configuration file with the training options")
     add("--grad-checkpoint", action="store_true", default=None, help="Use gradient checkpointing to reduce memory use")
-    add("--seed", type=int, help="The PRNG seed (default 0)")
-    add("--grad-accumulation-steps", type=int, help="Micro-batches per optimizer step (default 1)")
-    add("--optimizer", choices=["adam", "adamw", "sgd"], help="Optimizer (default adam)")
+    add("--seed", type=int, help=f"The PRNG seed (default {d.seed})")
+    add("--grad-accumulation-steps", type=int, help=f"Micro-batches per optimizer step (default {d.grad_accumulation_steps})")
+    add("--optimizer", choices=RULES["optimizer"].choices, help=f"Optimizer (default {d.optimizer})")
     add("--mask-prompt", dest="mask_prompt", action="store_true", default=None,
         help="Train on answers only (the default; accepted for mlx_lm compatibility)")
     add("--no-mask-prompt", dest="mask_prompt", action="store_false", help="Also train on prompt tokens")
-    add("--long-examples", choices=["truncate", "split", "drop"],
+    add("--long-examples", choices=RULES["long_examples"].choices,
         help="Examples over --max-seq-length: split (default for text), truncate (default for chats) or drop")
     add("--fsdp", action="store_true", default=None,
         help="Under torchrun with --fine-tune-type full: shard parameters, gradients and optimizer state (FSDP2)")
     add("--system-prompt", help="System prompt added to every chat example (and recorded for inference)")
     add("--chat-template", help=CHAT_TEMPLATE_HELP)
-    add("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, bf16 on CUDA)")
+    add("--dtype", help=DTYPE_HELP)
     add("--overwrite", action="store_true", default=None, help="Replace an adapter already in --adapter-path")
     add("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
         help="Continue an interrupted run exactly: from the latest checkpoint in --adapter-path, or this one")
@@ -73,7 +72,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--docs", help="With --test: answer each test question from the top chunks of these documents (a folder "
                        "or a `liandan docs index`), in the layout the adapter was trained with")
     add("--top-k", type=int, help=TOP_K_HELP)
-    add("--batch-order", choices=["random", "length"],
+    add("--batch-order", choices=RULES["batch_order"].choices,
         help="random (default): batches are random draws (on CPU, very different lengths run as separate "
              "sub-batches, so little compute goes to padding); length: mlx_lm's batches of similar lengths")
     return parser
@@ -81,21 +80,22 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_forgetting_options(add) -> None:
     """The options of the guard against forgetting (liandan.replay, evaluate.learned_tokens_stop)."""
+    d = TrainConfig()
     add("--replay-ratio", type=float,
         help="Against forgetting: base-model answers to general prompts mixed in per training example "
-             "(default 1 for completions/chat/tools data; 0 turns it off)")
+             f"(default {d.replay_ratio:g} for completions/chat/tools data; 0 turns it off)")
     add("--replay-prompts", help="Your own replay prompts: JSONL with a \"prompt\" field, or one prompt per line")
     add("--replay-focus", type=float,
         help="Share of the replay examples drawn from the replay prompts nearest the training prompts (0-1)")
     add("--kl-weight", type=float,
         help="Weight of the KL term that pulls replay answers toward the base model's token distribution "
-             "(default 3; 0 = plain replay; higher keeps more of what it knew but learns slower)")
+             f"(default {d.kl_weight:g}; 0 = plain replay; higher keeps more of what it knew but learns slower)")
     add("--learned-prob", type=float,
         help="Against forgetting: a trained token the model already predicts with at least this probability "
-             "gets no more gradient (default 0.8; 0 = off)")
+             f"gets no more gradient (default {d.learned_prob:g}; 0 = off)")
     add("--protect-directions", type=int,
         help="Against forgetting: each LoRA input is kept off the K directions the base model uses most on the replay "
-             "answers (default 0 = off; 192 keeps more on the embedded model but needs longer training)")
+             f"answers (default {d.protect_directions} = off; 192 keeps more on the embedded model but needs longer training)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -190,8 +190,9 @@ class Data:
     docs_layout: dict | None = None  # the retrieval prompt layout to record (data from-docs --questions), if any
 
 
-def run(cfg: TrainConfig, log=print, dist=None) -> int:
-    """The recipe: adapter directory → base model → data → train → test. `cfg` comes from load_config()."""
+def run(cfg: TrainConfig, log=print, dist=None, results: dict | None = None) -> int:
+    """The recipe: adapter directory → base model → data → train → test. `cfg` comes from load_config().
+    `results`, when given, receives the test's scores (test_report's keys) for callers that show them."""
     import torch
 
     from liandan.data.formats import check_data_path
@@ -218,7 +219,9 @@ def run(cfg: TrainConfig, log=print, dist=None) -> int:
 
         model = load_adapter(base.model, target.path, target.record)
     if cfg.test:
-        test_model(cfg, model, base, data, dist, log, base_known)
+        scores = test_model(cfg, model, base, data, dist, log, base_known)
+        if results is not None and scores:
+            results.update(scores)
     return 0
 
 
@@ -249,11 +252,11 @@ def prepare_adapter_dir(cfg: TrainConfig, dist, log) -> AdapterTarget:
 
 def _checkpoint_to_resume(cfg: TrainConfig, adapter_dir: Path, log) -> Path:
     from liandan.adapters import read_record
-    from liandan.train import TRAINER_STATE, latest_checkpoint
+    from liandan.train import CHECKPOINTS, TRAINER_STATE, latest_checkpoint
 
     checkpoint = latest_checkpoint(adapter_dir) if cfg.resume == "latest" else Path(cfg.resume)
     if checkpoint is None or not (checkpoint / TRAINER_STATE).is_file():
-        raise LiandanError(f"--resume: no checkpoint found in {checkpoint or adapter_dir / 'checkpoints'}")
+        raise LiandanError(f"--resume: no checkpoint found in {checkpoint or adapter_dir / CHECKPOINTS}")
     record = read_record(checkpoint)
     recorded = dict(record.get("training", {}))
     if record.get("trained_dtype"):  # an unset --dtype is fp32 on a CPU, bf16 on CUDA: compare what it trained in
@@ -274,7 +277,6 @@ RESULT_OPTIONS = ("model", "fine_tune_type", "num_layers", "batch_size", "learni
                   "grad_accumulation_steps", "optimizer", "optimizer_config", "lr_schedule", "lora_parameters",
                   "dtype", "replay_ratio", "replay_prompts", "replay_focus", "kl_weight", "learned_prob",
                   "protect_directions", "max_grad_norm")
-CONFIG_ONLY = ("optimizer_config", "lr_schedule", "lora_parameters")
 
 
 def check_same_settings(cfg: TrainConfig, recorded: dict) -> None:
@@ -298,7 +300,6 @@ def _meaning(name: str, value):
     import os
 
     from liandan.device import pick_device
-    from liandan.models import DEFAULT_MODEL
 
     if name == "model":
         value = value or DEFAULT_MODEL
@@ -310,7 +311,7 @@ def _meaning(name: str, value):
 
 
 def _option(name: str) -> str:
-    return f"{name} (config)" if name in CONFIG_ONLY else "--" + name.replace("_", "-")
+    return f"{name} (config)" if name in CONFIG_ONLY else flag_of(name)
 
 
 def _value(value) -> str:

@@ -106,7 +106,7 @@ def check_model_dir(path: Path) -> None:
             )
         missing.append("weights (*.safetensors)")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
-        missing.append("tokenizer files (tokenizer.json or tokenizer.model)")
+        missing.append(f"tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     if missing:
         raise LiandanError(f"model directory {path} is missing {', '.join(missing)}")
 

@@ -250,7 +250,7 @@ def replay_pool(model, tokenizer, encoder, model_dir: Path, prompts_file: str | 
 
 def replay_indices(n_train: int, pool_size: int, ratio: float, rng, focus: list[int] = (),
                    focus_share: float = 0.0) -> list[int]:
-    """Replay examples for one epoch: round(ratio × n_train) of them, cycling through a shuffled pool.
+    """Replay examples for one epoch: round(ratio × n_train) of them (at least one), cycling through a shuffled pool.
     With `focus` (nearest_replay), that share of them cycles through the focus positions instead."""
     if ratio <= 0 or pool_size == 0:
         return []

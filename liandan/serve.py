@@ -33,6 +33,7 @@ from liandan.errors import ContextExceeded, LiandanError
 from liandan.reasoning import split_text, splitter_for
 
 log = logging.getLogger("liandan.serve")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")  # --host values only this machine can reach (serve and studio)
 TRIM_AFTER_BYTES = 256 * 1024  # after a request body this large, hand freed memory back to the OS
 
 
@@ -485,7 +486,9 @@ def model_name(args) -> str:
         return args.model_name
     if args.adapter_path:
         return Path(args.adapter_path).resolve().name
-    return Path(args.model).name if args.model else "smollm2-135m"
+    from liandan.models import DEFAULT_MODEL
+
+    return Path(args.model).name if args.model else DEFAULT_MODEL
 
 
 def check_serve_args(args: argparse.Namespace) -> None:
@@ -519,7 +522,7 @@ def main(args: argparse.Namespace) -> int:
 
     check_serve_args(args)
     check_port_free(args.host, args.port)  # before the model loads: uvicorn would only log it and exit
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOCAL_HOSTS:
         print(f"Warning: binding to {args.host} makes the server reachable from other machines"
               + ("" if args.api_key else "; consider --api-key"))
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -99,9 +99,18 @@ def make_optimizer(params, cfg: TrainConfig):
     return torch.optim.SGD(params, lr=cfg.learning_rate, **extra)
 
 
+def checkpoint_dir(adapter_dir: Path, iteration: int) -> Path:
+    return Path(adapter_dir) / CHECKPOINTS / f"{iteration:07d}"
+
+
+def checkpoint_dirs(adapter_dir: Path) -> list[Path]:
+    """Every checkpoint_dir under adapter_dir, oldest first; not whatever else the user put in checkpoints/."""
+    return sorted((Path(adapter_dir) / CHECKPOINTS).glob("[0-9]" * 7))
+
+
 def complete_checkpoints(adapter_dir: Path) -> list[Path]:
     """The checkpoints a run can resume from, oldest first (one cut short by a crash has no trainer state)."""
-    return sorted(p for p in (Path(adapter_dir) / CHECKPOINTS).glob("[0-9]" * 7) if (p / TRAINER_STATE).is_file())
+    return [p for p in checkpoint_dirs(adapter_dir) if (p / TRAINER_STATE).is_file()]
 
 
 def latest_checkpoint(adapter_dir: Path) -> Path | None:
@@ -134,7 +143,7 @@ def save_checkpoint(model, optimizer_state: dict, scheduler, adapter_dir: Path, 
                     weights: dict | None = None, extra: dict | None = None) -> Path:
     """Adapter + optimizer + scheduler + RNG + position in the data, as one directory written atomically.
     `extra`: more of the trainer state (the report window, the training data's fingerprint)."""
-    checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
+    checkpoint = checkpoint_dir(adapter_dir, it)
     try:
         with atomic_dir(checkpoint) as tmp:
             save_adapter_files(model, tmp, record, weights)
@@ -163,7 +172,8 @@ class TrainJob:
     adapter_dir: Path
     record_for: Callable[[int], dict]  # iteration -> the record saved with each adapter
     # A trainer state from load_trainer_state(): the run continues exactly where it stopped (same batches,
-    # optimizer moments, schedule and RNG), so the result equals an uninterrupted run.
+    # optimizer moments, schedule and CPU RNG), so the result equals an uninterrupted run. Not saved: the GPU's
+    # RNG, which only LoRA dropout above 0 on CUDA draws from (the default dropout is 0).
     resume: dict | None = None
     dist: Dist = field(default_factory=Dist)
     fsdp: bool = False
@@ -502,7 +512,7 @@ def _checkpoint(model, parts: _Parts, job: TrainJob, state: TrainState, reporter
     """Save a checkpoint of iteration state.iteration (every rank gathers, rank 0 writes)."""
     it, adapter_dir = state.iteration, job.adapter_dir
     weights, optimizer_state = gather_states(model, parts.optimizer, job.fsdp)
-    checkpoint = adapter_dir / CHECKPOINTS / f"{it:07d}"
+    checkpoint = checkpoint_dir(adapter_dir, it)
     if job.dist.is_main:
         save_checkpoint(model, optimizer_state, parts.scheduler, adapter_dir, it, job.record_for(it),
                         asdict(state.counters), weights, {"window": state.window.saved(), "train_data": parts.data_id})
@@ -520,7 +530,7 @@ def _remove_other_checkpoints(adapter_dir: Path, keep: Path) -> None:
     """A fresh run (not --resume) drops checkpoints an earlier run left here (with --overwrite, or after an earlier
     run failed before saving its adapter) only once it has saved one of its own: until then a failed start loses
     nothing; after, `--resume` must not pick up the old run's latest."""
-    for old in (adapter_dir / CHECKPOINTS).glob("[0-9]" * 7):  # checkpoints only: not what else the user put there
+    for old in checkpoint_dirs(adapter_dir):
         if old != keep and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
 

@@ -67,6 +67,8 @@ def test_hand_typed_stop_token_is_recognised_not_doubled(qwen_tokenizer):
     assert encoder.hand_typed.counts["<|endoftext|>"] == 2
     eot = qwen_tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert eot not in typed.input_ids
+    spaced = encoder.encode_chat(qa("PolarDB是什么", "阿里云开源宇宙无敌数据库 <|endoftext|>"))  # no space trained before the stop
+    assert spaced.input_ids == clean.input_ids
 
 
 def test_no_mask_prompt_trains_everything(qwen_tokenizer):

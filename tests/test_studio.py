@@ -36,7 +36,7 @@ def test_studio_without_gradio_names_the_install_command(monkeypatch):
 
 
 def test_lora_flags_are_the_cli_flags():
-    from liandan.studio.runs import lora_flags
+    from liandan.config import lora_flags
 
     assert lora_flags({"iters": 200, "learning_rate": 1e-4, "model": None, "grad_checkpoint": False, "overwrite": True,
                        "mask_prompt": False, "system_prompt": ""}) == [
@@ -163,6 +163,32 @@ def check_stop_and_resume(adapters):
     assert f"resuming after iteration {stopped_at}" in state.log
     iterations = [it for it, _ in state.train_loss]
     assert iterations == sorted(iterations) and len(set(iterations)) == len(iterations)  # continued, not restarted
+
+
+def test_a_finished_run_reads_as_finished_and_its_test_scores_come_from_lora(tiny_llama, tmp_path):
+    """"finished" comes from the adapter the run saved, not from its log's last 20 kB; the Test tab's scores
+    from lora's own test report, not from matching its printed lines."""
+    from liandan.studio import evaluate, runs
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    write_jsonl(tmp_path / "data" / "test.jsonl", ROWS[:2])
+    adapters = tmp_path / "runs" / "tiny"
+    runs.start(adapters, {"model": str(tiny_llama), "data": str(tmp_path / "data"), "iters": 4, "batch_size": 2,
+                          "save_every": 2, "replay_ratio": 0})
+    wait_for(lambda: not runs.is_running(adapters), 600, "the run to end")
+    assert runs.status(adapters).state == "finished", runs.status(adapters).log
+    with open(adapters / runs.LOG_FILE, "a") as log:
+        log.write("a long test report\n" * 5000)  # pushes "Saved final weights" out of the tail the page reads
+    assert runs.status(adapters).state == "finished"
+    record = runs.read_run(adapters)
+    (adapters / runs.RUN_FILE).write_text(json.dumps({**record, "started": time.time() + 60}))
+    assert runs.status(adapters).state == "stopped"  # an adapter older than the run is another run's
+
+    report = evaluate.test_adapter(adapters, tmp_path / "data")
+    scores = report.scores
+    assert report.exact == f"{scores['exact']}/2" and scores["total"] == 2
+    assert report.loss_and_perplexity == (f"{scores['test_loss']:.3f}", f"{scores['test_ppl']:.3f}")
+    assert any(line.startswith(f"Test loss {scores['test_loss']:.3f}") for line in report.lines)
 
 
 def test_api_key_guards_the_page(tmp_path):

@@ -94,7 +94,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
 
 
 def random_batches(n: int, batch_size: int, rng: random.Random) -> list[list[int]]:
-    """A random permutation cut into batches (the incomplete last one is left out, as with length grouping)."""
+    """A random permutation cut into batches. The incomplete last one is left out: each epoch permutes anew, so
+    the examples left out differ (length grouping, whose order repeats, fills a last batch instead)."""
     order = list(range(n))
     rng.shuffle(order)
     return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
@@ -156,7 +157,7 @@ def collate(items: list[Encoded], pad_id: int, device) -> dict:
 
 def iterate_batches(data: EncodedSet, batch_size: int, seed: int, start_epoch: int = 0,
                     replay: list[Encoded] | None = None, pick_replay=None, order: str = "random"):
-    """Endless training batches (lists of indices), reshuffled each epoch. order "random": random draws
+    """Endless training batches, (epoch, list of indices), reshuffled each epoch. order "random": random draws
     of examples; "length": batches of similar lengths (mlx_lm's), in random order.
 
     With `replay` (liandan.replay), each epoch also mixes in the items `pick_replay(epoch_rng)` chooses

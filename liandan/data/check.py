@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liandan.data.formats import MAX_LINE_BYTES, SPLITS, FieldNames, scan_jsonl
+from liandan.data.formats import MAX_LINE_BYTES, SPLITS, TABLE_SUFFIXES, FieldNames, scan_jsonl
 from liandan.errors import LiandanError
 
 MAX_LISTED = 20
@@ -283,7 +283,7 @@ def require_train(target: Path) -> None:
     exactly so named; "0 errors" for a folder training would find nothing in would mislead."""
     if not target.is_dir() or any(os.path.lexists(target / f"{s}.jsonl") for s in SPLITS):
         return
-    found = sorted(p.name for p in target.iterdir() if p.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet"))
+    found = sorted(p.name for p in target.iterdir() if p.suffix.lower() in TABLE_SUFFIXES)
     held = f"it holds {', '.join(found[:5])}" + (" …" if len(found) > 5 else "") if found else "it holds no data file"
     raise LiandanError(f"{target}: no train.jsonl (nor valid/test.jsonl), which training reads ({held}); name the file train.jsonl, "
                        f"check one file with `liandan data check {target / 'FILE.jsonl'}`, "

@@ -8,16 +8,18 @@ from pathlib import Path
 
 from liandan.data.docs import CHUNK_TOKENS, OVERLAP_TOKENS
 from liandan.data.formats import MAX_LINE_BYTES
+from liandan.data.prepare import OUTPUT_FORMATS, SPLIT_RATIOS
 from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.docs.prompt import DEFAULT_TOP_K
-from liandan.errors import LiandanError
+from liandan.errors import EXIT_INPUT, EXIT_WARNINGS, LiandanError
+from liandan.models import DEFAULT_MODEL
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     c = sub.add_parser("check", help="Formats, errors, token lengths, stop tokens, duplicates, train/valid/test leakage")
     c.add_argument("target", help="A data directory ({train,valid,test}.jsonl) or one .jsonl file")
-    c.add_argument("--model", help="Model whose chat template and tokenizer count the tokens (default: smollm2-135m)")
+    c.add_argument("--model", help=f"Model whose chat template and tokenizer count the tokens (default: {DEFAULT_MODEL})")
     c.add_argument("--max-seq-length", type=int, default=2048, help="Flag examples longer than this (default 2048)")
     c.add_argument("--json", action="store_true", help="Print the report as JSON")
     c.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
@@ -29,19 +31,19 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="JSONL/JSON/CSV/Parquet with any field names → train/valid/test.jsonl")
     p.add_argument("inputs", nargs="+", help="Input files")
     p.add_argument("--out", required=True, help="Output data directory")
-    p.add_argument("--format", choices=["completions", "chat", "text"], default="completions")
+    p.add_argument("--format", choices=OUTPUT_FORMATS, default=OUTPUT_FORMATS[0])
     p.add_argument("--prompt", help="Prompt field, or a template joining fields: '{Question}'")
     p.add_argument("--completion", help="Answer field or template, e.g. '<think>\\n{Complex_CoT}\\n</think>\\n\\n{Response}'")
     p.add_argument("--text", help="Text field or template (--format text)")
     p.add_argument("--system", help="System message field or template (--format chat)")
-    p.add_argument("--valid-ratio", type=float, default=0.1, help="Share of examples for valid.jsonl (default 0.1)")
-    p.add_argument("--test-ratio", type=float, default=0.1, help="Share of examples for test.jsonl (default 0.1)")
+    for split, ratio in SPLIT_RATIOS.items():
+        p.add_argument(f"--{split}-ratio", type=float, default=ratio, help=f"Share of examples for {split}.jsonl (default {ratio})")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random split (default 0)")
     p.add_argument("--overwrite", action="store_true", help="Replace train/valid/test.jsonl already in --out")
     d = sub.add_parser("from-docs", help="Markdown/text/HTML documents → text JSONL chunks that fit the context")
     d.add_argument("source", help="A directory of documents (searched recursively) or one file")
     d.add_argument("--out", required=True, help="Output data directory (train.jsonl)")
-    d.add_argument("--model", help="Model whose tokenizer counts chunk sizes (default: smollm2-135m)")
+    d.add_argument("--model", help=f"Model whose tokenizer counts chunk sizes (default: {DEFAULT_MODEL})")
     d.add_argument("--chunk-tokens", type=int, default=None, help=f"Maximum tokens per chunk (default {CHUNK_TOKENS})")
     d.add_argument("--overlap", type=int, default=None,
                    help=f"Tokens repeated when a paragraph is cut (default {OVERLAP_TOKENS})")
@@ -59,7 +61,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "http://127.0.0.1:11434/v1; default: the local --model")
     y.add_argument("--teacher-model", default=None, help="Model name at --teacher-url (default: its first model)")
     y.add_argument("--api-key", default="none", help="API key for --teacher-url")
-    y.add_argument("--model", help="Local teacher when there is no --teacher-url (default: smollm2-135m)")
+    y.add_argument("--model", help=f"Local teacher when there is no --teacher-url (default: {DEFAULT_MODEL})")
     y.add_argument("--per-chunk", type=int, default=3, help="Questions asked per chunk (default 3)")
     y.add_argument("--max-tokens", type=int, default=256, help="Teacher's answer budget per chunk (default 256)")
     y.add_argument("--overwrite", action="store_true", help="Replace a train.jsonl already in --out")
@@ -139,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
             shown = shown_examples(target, encoder, names, args.show)
             if shown:
                 print("\n".join(shown))
-        return 2 if errors else 1 if warnings else 0
+        return EXIT_INPUT if errors else EXIT_WARNINGS if warnings else 0
     if args.action == "prepare":
         from liandan.data.prepare import prepare
 

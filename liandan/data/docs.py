@@ -18,13 +18,15 @@ from liandan.errors import LiandanError
 
 CHUNK_TOKENS, OVERLAP_TOKENS = 512, 64  # `data from-docs` defaults, on the command line and in the studio
 SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html"}
+_KINDS = ", ".join(list(SUFFIXES)[:-1]) + f" or {list(SUFFIXES)[-1]}"  # for messages: ".md, …, .html or .htm"
 _HEADING = re.compile(r"^(#{1,6})\s+(.*\S)\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 # Where an over-long paragraph may be cut, coarsest first; the capture group keeps each separator.
 _CUTS = (re.compile(r"(\n)"),
          re.compile(r"((?<=[.!?;])\s+|(?<=[。！？；])\s*)"),  # "2.5" and "example.com" have no space after the dot
          re.compile(r"(\s+)"))
-# Never descended into: version control, virtual environments, editor and package folders.
+# Never descended into: package and cache folders, and (see document_files) every hidden folder: version
+# control (.git), virtual environments named .venv, editor settings (.vscode, .idea).
 _SKIPPED_DIRS = {"node_modules", "__pycache__", "site-packages"}
 
 
@@ -199,12 +201,12 @@ def document_files(source: Path) -> list[Path]:
         raise LiandanError(f"{source}: no such file or directory")
     if source.is_file():
         if source.suffix.lower() not in SUFFIXES:
-            raise LiandanError(f"{source}: not a .md, .markdown, .txt, .html or .htm file")
+            raise LiandanError(f"{source}: not a {_KINDS} file")
         return [source]
     files = sorted(p for p in source.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
                    and not any(d.startswith(".") or d in _SKIPPED_DIRS for d in p.relative_to(source).parts[:-1]))
     if not files:
-        raise LiandanError(f"{source}: no .md, .markdown, .txt, .html or .htm files")
+        raise LiandanError(f"{source}: no {_KINDS} files")
     return files
 
 

@@ -1,7 +1,8 @@
 """Read JSONL training files and detect their format: text, completions, chat or tools.
 
 Every problem is reported as `file:line: what is wrong`, so a user with a 50,000-line file can
-jump straight to it. A file is one format; the format is detected from its first record's keys.
+jump straight to it. A file is one format, detected from its first record's keys;
+a chat file counts as "tools" once any record has tools (merged_format).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import orjson
 
 from liandan.errors import LiandanError
 
-FORMATS = ("text", "completions", "chat", "tools")
 ROLES = ("system", "user", "assistant", "tool")
 MAX_LINE_BYTES = 16 * 2**20  # --max-line-bytes: no line is held in memory beyond this (16 MiB)
 MAX_JSON_DEPTH = 1024  # orjson's fixed nesting limit; training records need a handful of levels
@@ -263,6 +263,10 @@ def _require_string(value, key: str, where: str) -> None:
     if not isinstance(value, str):
         raise LiandanError(f"{where}: '{key}' must be a string, got {type(value).__name__}")
 
+
+# The tables `data prepare` reads (prepare._read_values), and how messages name them.
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+TABLE_KINDS = ".jsonl, .json, .csv or .parquet"
 
 # The files a data folder holds, in the order they are read and reported: {split}.jsonl.
 SPLITS = ("train", "valid", "test")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from liandan.atomic import atomic_path, check_output
 from liandan.data.check import normalise
-from liandan.data.formats import MAX_LINE_BYTES, SPLITS, open_regular, parse_json, read_lines
+from liandan.data.formats import MAX_LINE_BYTES, SPLITS, TABLE_KINDS, open_regular, parse_json, read_lines
 from liandan.errors import LiandanError
 
 # Field names guessed when no --prompt/--completion/--text is given (first match wins).
@@ -27,7 +27,7 @@ TEXT_NAMES = ("text", "content", "document", "body")
 
 
 def read_rows(path: Path):
-    """Yield (row number, dict) from .jsonl, .json, .csv or .parquet; a row that is not an object is an error."""
+    """Yield (row number, dict) from one of TABLE_SUFFIXES; a row that is not an object is an error."""
     for n, row in _read_values(path):
         if not isinstance(row, dict):
             raise LiandanError(f"{path}:{n}: expected an object (field names and values), got {type(row).__name__}")
@@ -67,7 +67,7 @@ def _read_values(path: Path):
         open_regular(path).close()
         yield from enumerate(_parquet_rows(path), start=1)
     else:
-        raise LiandanError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
+        raise LiandanError(f"{path}: unknown file type {suffix!r}; use {TABLE_KINDS}")
 
 
 def _parquet_rows(path: Path) -> list:
@@ -124,6 +124,10 @@ def make_getter(spec: str | None, guesses: tuple, first_row: dict, what: str, pa
         return "" if row[spec] is None else str(row[spec])
 
     return from_field
+
+
+OUTPUT_FORMATS = ("completions", "chat", "text")  # what convert writes; the first is the default
+SPLIT_RATIOS = {"valid": 0.1, "test": 0.1}  # default shares of the examples held out
 
 
 def convert(path: Path, fmt: str, prompt=None, completion=None, text=None, system=None) -> list[dict]:

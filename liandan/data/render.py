@@ -40,7 +40,7 @@ class Rendering:
     chat_template: str
     stop_tokens: list[str]
     system_prompt: str | None = None
-    template_source: str = "model"  # "model" or "plain"
+    template_source: str = "model"  # "model", a NAMED_TEMPLATES name (chatml, plain), or "file:NAME.jinja"
     prompt_style: str = "chat"  # "chat" (template) or "raw" (the model trained on plain text)
     eos_token: str | None = None
 
@@ -183,17 +183,18 @@ class HandTypedStops:
     counts: Counter = field(default_factory=Counter)
 
     def strip(self, text: str, specials: list[str]) -> str:
-        """Remove special tokens typed at the end of a field (and the whitespace around them)."""
-        changed = True
+        """Remove special tokens typed at the end of a field, and the whitespace between them and the answer
+        ("Paris <|endoftext|>" trains as "Paris", not "Paris " before the stop token)."""
+        removed, changed = False, True
         while changed:
             changed = False
             stripped = text.rstrip()
             for token in specials:
                 if stripped.endswith(token):
                     self.counts[token] += 1
-                    text, changed = stripped[: -len(token)], True
+                    text, changed, removed = stripped[: -len(token)], True, True
                     break
-        return text
+        return text.rstrip() if removed else text
 
 
 class Encoder:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from liandan.docs.prompt import TOP_K_HELP
 from liandan.errors import LiandanError
+from liandan.models import DEFAULT_MODEL
 
 MODES = ("base", "base+docs", "adapter", "adapter+docs")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("questions", help="JSONL of questions with answers (prompt/completion or chat; optional section)")
-    parser.add_argument("--model", help="Base model (default: the adapter's base model, else smollm2-135m)")
+    parser.add_argument("--model", help=f"Base model (default: the adapter's base model, else {DEFAULT_MODEL})")
     parser.add_argument("--adapter-path", help="Adapter directory: adds the adapter and adapter+docs modes")
     parser.add_argument("--docs", help="Documents (a folder or a `liandan docs index`): adds the +docs modes")
     parser.add_argument("--top-k", type=int, default=None, help=TOP_K_HELP)

@@ -3,7 +3,7 @@
 Documents are read and cut by `liandan.data.docs` (the `from-docs` readers and chunker), scored by
 `bm25s` (sparse-matrix BM25), with `jieba` word segmentation for Chinese and Snowball stemming for
 other scripts (so "charging" finds "charge"). The index is model-independent: chunk sizes are
-counted in words and CJK characters, not in one model's tokens, so one index serves every model.
+counted in words, CJK characters and punctuation marks, not in one model's tokens, so one index serves every model.
 
 On disk an index is a directory: `liandan-index.json` (what was indexed: the source folder, each
 file's size and mtime, the chunking settings), `chunks.jsonl` (text, source, section) and `bm25/`
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from liandan.atomic import atomic_dir
+from liandan.docs.prompt import DEFAULT_TOP_K
 from liandan.errors import LiandanError
 
 MANIFEST = "liandan-index.json"
@@ -147,7 +148,7 @@ class DocsIndex:
                     "chunks": len(chunks), "chunk_words": CHUNK_WORDS, "overlap_words": OVERLAP_WORDS}
         return cls(chunks, retriever, manifest)
 
-    def search(self, query: str, k: int = 3) -> list[Hit]:
+    def search(self, query: str, k: int = DEFAULT_TOP_K) -> list[Hit]:
         terms = [t for t in self.analyzer.terms(query) if t in self.vocab]
         if not terms or k <= 0:
             return []

@@ -60,7 +60,8 @@ class DocsLayout:
         return cls(**{**(_V1 if d.get("version", 1) == 1 else {}), **known})
 
     def fill(self, question: str, chunks: list) -> str:
-        """The user message for `question` with these chunks (objects with text, source, section)."""
+        """The layout filled for `question` with these chunks (objects with text, source, section): the new user
+        message, or with placement "system" the system message's text."""
         parts = [self.source.format(n=i + 1, source=c.source, section=c.section, text=c.text.strip(),
                                     body=body_of(c)) for i, c in enumerate(chunks)]
         return self.template.format(sources=self.separator.join(parts) if parts else "(no sources found)",
@@ -150,7 +151,7 @@ class DocsContext:
         return self.index
 
     def apply(self, messages: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Messages with the last user turn replaced by the filled layout, and the sources used."""
+        """Messages with the last user turn's retrieved chunks laid in (see DocsLayout.place), and the sources used."""
         last = last_turn(messages, "user")
         if last is None:
             return list(messages), []

@@ -34,7 +34,9 @@ class ApiTeacher:
         try:
             from openai import OpenAI
         except ImportError:
-            raise LiandanError("--teacher-url needs the openai client: pip install 'liandan[docs]'") from None
+            from liandan.docs.index import INSTALL
+
+            raise LiandanError(f"--teacher-url needs the openai client: {INSTALL}") from None
         self.client = OpenAI(base_url=url, api_key=api_key, max_retries=1, timeout=300)
         self.url = url
         try:

@@ -18,7 +18,10 @@ from typing import Iterator
 from liandan.errors import ContextExceeded, LiandanError
 
 ENGINES = ("torch", "llama.cpp")
+# The base model's tensor types --engine llama.cpp converts to on the fly (gguf-py writes them without a
+# quantize pass); k-quants come from `liandan export gguf` and run with --model FILE.gguf.
 GGUF_TYPES = ("f32", "f16", "q8_0")
+DEFAULT_GGUF_TYPE = "q8_0"
 LLAMA_INSTALL = "pip install 'liandan[llama]'"
 # llama.cpp allocates every slot's whole KV cache up front: at a model's full 32k-128k positions that is GiBs per
 # slot, so --engine llama.cpp uses at most this many unless --ctx-size asks for more (llama-server and Ollama
@@ -80,7 +83,7 @@ class Engine:
 
 def load_engine(kind: str, model: str | None, adapter_path: str | None, system_prompt: str | None = None,
                 extra_eos: list[str] | None = None, dtype: str | None = None, trust_remote_code: bool = False,
-                gguf_type: str = "q8_0", slots: int = 1, chat_template: str | None = None,
+                gguf_type: str = DEFAULT_GGUF_TYPE, slots: int = 1, chat_template: str | None = None,
                 ctx_size: int | None = None) -> Engine:
     from liandan.generate import load_pipeline
 

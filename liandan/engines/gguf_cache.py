@@ -54,7 +54,7 @@ def cached(path: Path, build, rebuild: bool = False) -> Path:
 
 def readable_gguf(path: Path) -> bool:
     """The header parses and every tensor's data lies inside the file (a truncated copy fails). Checked at every
-    llama.cpp engine start, so with liandan's header walker: gguf.GGUFReader took ~2.4 CPU s on SmolLM2's file."""
+    llama.cpp engine start, so with liandan's header walker (export.quantize.tensor_table), not gguf.GGUFReader."""
     import gguf
 
     from liandan.export.quantize import tensor_table
@@ -72,10 +72,10 @@ def readable_gguf(path: Path) -> bool:
 
 def content_hash(adapter: Path) -> str:
     """sha256 of the adapter's weights and PEFT config: what the converted files depend on."""
-    from liandan.adapters import FULL_WEIGHTS, PEFT_WEIGHTS
+    from liandan.adapters import FULL_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
 
     digest = hashlib.sha256()
-    for name in ("adapter_config.json", PEFT_WEIGHTS, FULL_WEIGHTS):
+    for name in (PEFT_CONFIG, PEFT_WEIGHTS, FULL_WEIGHTS):
         path = adapter / name
         if path.is_file():
             with open(path, "rb") as f:
@@ -99,7 +99,9 @@ def _dir_key(model_dir: Path) -> str:
 def _needs_fusing(adapter: Path, record: dict) -> bool:
     if record.get("fine_tune_type") in ("dora", "full"):
         return True
-    config = adapter / "adapter_config.json"
+    from liandan.adapters import PEFT_CONFIG
+
+    config = adapter / PEFT_CONFIG
     return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("use_dora"))
 
 

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 
-from liandan.engines import Engine, Sampling, require_llama_cpp
+from liandan.engines import DEFAULT_GGUF_TYPE, Engine, Sampling, require_llama_cpp
 from liandan.errors import LiandanError
 
 BATCH = 512  # prompt tokens per llama_decode call
@@ -27,7 +27,7 @@ CLOSE_WAIT = 30.0  # seconds close() waits for running generations to hand their
 class LlamaEngine(Engine):
     kind = "llama.cpp"
 
-    def __init__(self, pipe, gguf_type: str = "q8_0", slots: int = 1, ctx_size: int | None = None):
+    def __init__(self, pipe, gguf_type: str = DEFAULT_GGUF_TYPE, slots: int = 1, ctx_size: int | None = None):
         super().__init__(pipe, ctx_size)
         self.slots = slots
         self.gguf_type = gguf_type

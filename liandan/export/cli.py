@@ -8,13 +8,14 @@ from pathlib import Path
 from liandan.data.render import CHAT_TEMPLATE_HELP
 from liandan.engines import require_llama_cpp
 from liandan.errors import LiandanError
+from liandan.models import DEFAULT_MODEL
 from liandan.export.quantize import OUTTYPE_HELP, usable_outtype
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
     g = sub.add_parser("gguf", help="A GGUF file for llama.cpp: a whole model (--model) or a LoRA adapter (--adapter-path)")
-    g.add_argument("--model", help="Hugging Face model directory (e.g. from `liandan fuse`), .gguf or smollm2-135m")
+    g.add_argument("--model", help=f"Hugging Face model directory (e.g. from `liandan fuse`), .gguf or {DEFAULT_MODEL}")
     g.add_argument("--adapter-path", help="Export this LoRA adapter alone (for llama.cpp --lora / Ollama ADAPTER)")
     g.add_argument("--outfile", required=True, help="GGUF file to write")
     g.add_argument("--outtype", default="f16", help=f"Tensor type: {OUTTYPE_HELP} (default f16)")

@@ -152,6 +152,9 @@ def gguf_writer(outfile: Path, target: Target):
             writer.close()
 
 
+ROPE_THETA = 10000.0  # transformers' default rope base, for configs that leave it out
+
+
 def rope_settings(config: dict) -> tuple[dict, dict]:
     """(global, sliding-window layers') rope parameters — `rope_theta`, `rope_type`, `factor` — from
     transformers 5's `rope_parameters` (per layer type for Gemma 3: `full_attention`, `sliding_attention`) or
@@ -160,7 +163,7 @@ def rope_settings(config: dict) -> tuple[dict, dict]:
     if "full_attention" in params:
         return dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
     sliding = {"rope_theta": config["rope_local_base_freq"]} if "rope_local_base_freq" in config else {}
-    return {"rope_theta": config.get("rope_theta", 10000.0), **params}, sliding
+    return {"rope_theta": config.get("rope_theta", ROPE_THETA), **params}, sliding
 
 
 def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
@@ -264,7 +267,8 @@ def iter_tensors(model_dir: Path):
 
 
 def encode_tensor(data: np.ndarray, outtype: str, name: str):
-    """Cast one tensor to the output type; norms, biases and odd-shaped rows stay in f32."""
+    """Cast one tensor to the output type: norms and other 1-D tensors stay in f32; for q8_0, rows not a
+    multiple of 32 values wide (Q8_0's block) are written as f16."""
     import gguf
     from gguf.quants import quantize
 
@@ -338,7 +342,7 @@ def _write_hparams(writer, config: dict, spec: ArchSpec) -> None:
 def _write_rope(writer, rope: dict) -> None:
     import gguf
 
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", ROPE_THETA)))
     kind = rope.get("rope_type") or rope.get("type")
     if kind in (None, "default"):
         return
@@ -399,7 +403,7 @@ def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log
     import gguf
     from safetensors.torch import load_file
 
-    from liandan.adapters import PEFT_WEIGHTS, read_record
+    from liandan.adapters import PEFT_CONFIG, PEFT_WEIGHTS, read_record
     from liandan.models import resolve_model
 
     adapter_dir, outfile = Path(adapter_dir), Path(outfile)
@@ -411,7 +415,7 @@ def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log
     if record.get("fine_tune_type") in ("dora", "full"):
         raise LiandanError(f"{adapter_dir}: a {record['fine_tune_type']} adapter has no llama.cpp adapter format; "
                            "use `liandan fuse --export-gguf` instead")
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    adapter_config = json.loads((adapter_dir / PEFT_CONFIG).read_text(encoding="utf-8"))
     if adapter_config.get("use_dora"):
         raise LiandanError(f"{adapter_dir}: llama.cpp cannot apply DoRA adapters; use `liandan fuse --export-gguf`")
     config = read_config(resolve_model(record.get("base_model") or adapter_config.get("base_model_name_or_path")))

@@ -1,8 +1,8 @@
 """What a GGUF's tensor type costs, measured in llama.cpp: perplexity on the validation set vs f32.
 
 The validation examples are rendered and tokenized by liandan exactly as in training (recorded chat
-template, stop token, prompt masking), so the f32 file's perplexity is the one `liandan lora` reports
-for the validation set, and every other type is compared with it on the same token ids. The KV cache
+template, stop token, prompt masking), so the f32 file's perplexity is exp of the validation loss `liandan lora`
+reports, here over the whole valid.jsonl, and every other type is compared with it on the same token ids. The KV cache
 is kept in f32 so that the difference measured is the weights' alone.
 """
 
@@ -16,8 +16,6 @@ import numpy as np
 
 from liandan.errors import LiandanError
 
-GGML_TYPE_F32 = 0  # llama.cpp's KV cache type argument (type_k / type_v)
-
 
 def validation_items(model_dir: Path, data: str | None = None) -> tuple[list, str]:
     """The validation split as training encoded it: (Encoded items, where it came from)."""
@@ -26,17 +24,16 @@ def validation_items(model_dir: Path, data: str | None = None) -> tuple[list, st
     from liandan.adapters import read_record
     from liandan.config import load_config
     from liandan.data.batching import encode_file
-    from liandan.data.formats import FieldNames, load_splits
+    from liandan.data.formats import load_splits
     from liandan.data.render import Encoder, rendering_of
 
-    record = read_record(model_dir) if (Path(model_dir) / "liandan.json").is_file() else {}
+    record = read_record(model_dir, required=False)
     cfg = load_config(None, record.get("training") or {})
     data = data or record.get("training", {}).get("data")
     if not data or not Path(data).exists():
         raise LiandanError(f"--check needs the validation data{f' (recorded: {data}, not found)' if data else ''}: "
                            "pass --data DIR (a directory with valid.jsonl)")
-    names = FieldNames(cfg.text_feature, cfg.prompt_feature, cfg.completion_feature, cfg.chat_feature)
-    valid = load_splits(data, names, splits=("valid",))["valid"]
+    valid = load_splits(data, cfg.field_names(), splits=("valid",))["valid"]
     if valid is None:
         raise LiandanError(f"--data {data}: valid.jsonl is missing; --check measures perplexity on it")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -53,7 +50,7 @@ def gguf_perplexity(path: Path, items: list) -> tuple[float, int]:
     llama_cpp = require_llama_cpp("--check")
     n_ctx = max(len(item.input_ids) for item in items)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                          type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     total, count = 0.0, 0
     try:
         for item in items:

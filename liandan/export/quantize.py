@@ -120,8 +120,8 @@ def tensor_types(path: Path) -> Counter:
 def tensor_table(path: Path) -> tuple[list[tuple[tuple, int, int]], int, int]:
     """([(dims, GGML type, data offset)] of each tensor, where the data section starts, the file size).
 
-    Walks the header itself: gguf.GGUFReader builds a numpy view per vocabulary entry, ~6 CPU seconds
-    for SmolLM2's 49k tokens and merges, where skipping them takes milliseconds. struct.error: a truncated header."""
+    Walks the header itself: gguf.GGUFReader builds a numpy view per vocabulary entry, 3.3 CPU s for
+    SmolLM2's 49k tokens and merges, where skipping them takes 0.03 s. struct.error: a truncated header."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
         if magic != b"GGUF" or version < 2:

@@ -80,6 +80,8 @@ def _run_dir(workspace: Path, name: str) -> Path:
 
 # ---------------------------------------------------------------- Data
 def _data_tab(workspace: Path) -> SimpleNamespace:
+    from liandan.data.prepare import OUTPUT_FORMATS, SPLIT_RATIOS
+
     t = SimpleNamespace(staged=gr.State(None))
     with gr.Row():
         t.upload = gr.File(label="Upload train/valid/test.jsonl, or tables to prepare (JSONL, JSON, CSV, Parquet)",
@@ -98,13 +100,13 @@ def _data_tab(workspace: Path) -> SimpleNamespace:
             t.examples = gr.HTML(elem_id="examples")
     with gr.Accordion("Prepare: tables with any field names → train/valid/test.jsonl", open=False):
         with gr.Row():
-            t.fmt = gr.Radio(["completions", "chat", "text"], value="completions", label="Format")
+            t.fmt = gr.Radio(list(OUTPUT_FORMATS), value=OUTPUT_FORMATS[0], label="Format")
             t.prompt = gr.Textbox(label="Prompt field or {Template}", placeholder="guessed: prompt, question, instruction…")
             t.completion = gr.Textbox(label="Answer field or {Template}", placeholder="guessed: completion, answer, response…")
             t.text = gr.Textbox(label="Text field (format text)")
         with gr.Row():
-            t.valid_ratio = gr.Number(0.1, label="Valid ratio")
-            t.test_ratio = gr.Number(0.1, label="Test ratio")
+            t.valid_ratio = gr.Number(SPLIT_RATIOS["valid"], label="Valid ratio")
+            t.test_ratio = gr.Number(SPLIT_RATIOS["test"], label="Test ratio")
             t.seed = gr.Number(0, label="Seed", precision=0)
             t.prepare = gr.Button("Prepare the uploaded tables", elem_id="prepare")
     with gr.Accordion("From documents: a folder of Markdown, text or HTML → text chunks", open=False):
@@ -213,7 +215,7 @@ def _shown(fn):
 
 # ---------------------------------------------------------------- Train
 def _train_tab(workspace: Path, data_tab: SimpleNamespace) -> SimpleNamespace:
-    from liandan.config import TrainConfig
+    from liandan.config import RULES, TrainConfig
 
     d = TrainConfig()
     t = SimpleNamespace(data_folder=data_tab.folder)
@@ -225,7 +227,7 @@ def _train_tab(workspace: Path, data_tab: SimpleNamespace) -> SimpleNamespace:
         t.iters = gr.Number(d.iters, label="Iterations", precision=0, elem_id="iters")
         t.batch_size = gr.Number(d.batch_size, label="Batch size", precision=0, elem_id="batch-size")
         t.learning_rate = gr.Number(d.learning_rate, label="Learning rate", elem_id="learning-rate")
-        t.fine_tune_type = gr.Dropdown(["lora", "dora", "full"], value=d.fine_tune_type, label="Fine-tune type")
+        t.fine_tune_type = gr.Dropdown(list(RULES["fine_tune_type"].choices), value=d.fine_tune_type, label="Fine-tune type")
         t.num_layers = gr.Number(d.num_layers, label="Layers (from the top, -1: all)", precision=0)
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
@@ -236,8 +238,8 @@ def _train_tab(workspace: Path, data_tab: SimpleNamespace) -> SimpleNamespace:
             t.max_seq_length = gr.Number(d.max_seq_length, label="Max sequence length", precision=0)
             t.seed = gr.Number(d.seed, label="Seed", precision=0)
         with gr.Row():
-            t.optimizer = gr.Dropdown(["adam", "adamw", "sgd"], value=d.optimizer, label="Optimizer")
-            t.batch_order = gr.Dropdown(["random", "length"], value=d.batch_order, label="Batch order")
+            t.optimizer = gr.Dropdown(list(RULES["optimizer"].choices), value=d.optimizer, label="Optimizer")
+            t.batch_order = gr.Dropdown(list(RULES["batch_order"].choices), value=d.batch_order, label="Batch order")
             t.grad_accumulation_steps = gr.Number(d.grad_accumulation_steps, label="Gradient accumulation", precision=0)
             t.replay_ratio = gr.Number(d.replay_ratio, label="Replay ratio (against forgetting; 0: off)")
             t.kl_weight = gr.Number(d.kl_weight, label="KL weight")

@@ -34,14 +34,14 @@ def import_gradio():
 
 def main(args: argparse.Namespace) -> int:
     import_gradio()
-    from liandan.serve import check_port_free
+    from liandan.serve import LOCAL_HOSTS, check_port_free
     from liandan.studio.app import CSS, build
 
     check_port_free(args.host, args.port)  # Gradio would stop with "Cannot find empty port", a traceback
     workspace = Path(args.workspace)
     workspace.mkdir(parents=True, exist_ok=True)
     page = build(workspace)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in LOCAL_HOSTS and not args.api_key:
         print(f"liandan studio: listening on {args.host} without --api-key: anyone who can reach this port can use it")
     # Bytes: compare_digest refuses str with non-ASCII characters (a key or a typed password in Chinese)
     auth = ((lambda _user, password: hmac.compare_digest(password.encode(), args.api_key.encode()))

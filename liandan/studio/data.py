@@ -13,10 +13,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from liandan.data.formats import SPLITS
+from liandan.data.formats import SPLITS, TABLE_KINDS, TABLE_SUFFIXES
 from liandan.errors import LiandanError
 
-TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @functools.lru_cache(maxsize=4)
@@ -69,7 +68,7 @@ def stage(uploaded: list[str]) -> Path:
         path = Path(path)
         if path.suffix.lower() not in TABLE_SUFFIXES:
             shutil.rmtree(staging)
-            raise LiandanError(f"{path.name}: unknown file type; upload .jsonl, .json, .csv or .parquet")
+            raise LiandanError(f"{path.name}: unknown file type; upload {TABLE_KINDS}")
         shutil.copyfile(path, staging / path.name)
     return staging
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,25 +10,24 @@ from liandan.errors import LiandanError
 
 @dataclass
 class TestReport:
-    lines: list[str] = field(default_factory=list)
-
-    def find(self, pattern: str) -> re.Match | None:
-        return next((m for m in map(re.compile(pattern).search, self.lines) if m), None)
+    lines: list[str] = field(default_factory=list)  # what the test printed, for the page's log
+    scores: dict = field(default_factory=dict)  # lora.test_report's: test_loss, test_ppl, exact, total, retention_*
 
     @property
     def exact(self) -> str | None:
-        found = self.find(r"Exact answers: (\d+/\d+)")
-        return found.group(1) if found else None
+        return f"{self.scores['exact']}/{self.scores['total']}" if "exact" in self.scores else None
 
     @property
     def loss_and_perplexity(self) -> tuple[str, str] | None:
-        found = self.find(r"Test loss (\d+\.?\d*|nan|inf), Test ppl (\d+\.?\d*|nan|inf)")
-        return (found.group(1), found.group(2)) if found else None
+        if "test_loss" not in self.scores:
+            return None
+        return f"{self.scores['test_loss']:.3f}", f"{self.scores['test_ppl']:.3f}"
 
     @property
     def retention(self) -> str | None:
-        found = self.find(r"General knowledge kept: (\d+/\d+)")
-        return found.group(1) if found else None
+        if "retention_kept" not in self.scores:
+            return None
+        return f"{self.scores['retention_kept']}/{self.scores['retention_base']}"
 
 
 def test_adapter(adapter_dir: Path, data_dir: Path, options: dict | None = None) -> TestReport:
@@ -43,5 +41,5 @@ def test_adapter(adapter_dir: Path, data_dir: Path, options: dict | None = None)
     cfg = load_config(None, {"test": True, "adapter_path": str(adapter_dir), "data": str(data_dir), "test_batches": -1,
                              "batch_size": options.get("batch_size"), "max_seq_length": options.get("max_seq_length")})
     report = TestReport()
-    run(cfg, log=lambda *parts: report.lines.extend(" ".join(map(str, parts)).splitlines()))
+    run(cfg, log=lambda *parts: report.lines.extend(" ".join(map(str, parts)).splitlines()), results=report.scores)
     return report

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from liandan.atomic import atomic_write_text
+from liandan.config import lora_flags
 from liandan.errors import LiandanError
 
 RUN_FILE = "studio.json"
@@ -32,19 +33,6 @@ PAGE_OPTIONS = ("iters", "batch_size", "learning_rate", "fine_tune_type", "num_l
 
 # Our own children, so a finished one is reaped (and not taken for alive as a zombie).
 _children: dict[int, subprocess.Popen] = {}
-
-
-def lora_flags(options: dict) -> list[str]:
-    """TrainConfig field names and values -> `liandan lora` flags (True: a bare flag; False/None: left out)."""
-    flags = []
-    for name, value in options.items():
-        if name == "mask_prompt":
-            flags += [] if value else ["--no-mask-prompt"]
-        elif value is True:
-            flags.append(f"--{name.replace('_', '-')}")
-        elif value is not None and value is not False and value != "":
-            flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags
 
 
 def start(adapter_dir: Path, options: dict, resume: bool = False) -> int:
@@ -163,7 +151,7 @@ def status(adapter_dir: Path) -> RunStatus:
         if "val_loss" in entry:
             result.val_loss.append((entry["iteration"], entry["val_loss"]))
     if result.state != "running":
-        if result.iteration >= result.iters and "Saved final weights" in result.log:
+        if saved_iteration(adapter_dir, since=record.get("started", 0)) >= result.iters:
             result.state = "finished"
         elif latest_checkpoint(adapter_dir) is not None:
             result.state = "stopped"
@@ -182,6 +170,19 @@ def _read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             pass  # a line being written right now
     return entries
+
+
+def saved_iteration(adapter_dir: Path, since: float) -> int:
+    """The iteration of the adapter this run saved in adapter_dir (its record's), 0 when it saved none since it
+    started (an older adapter there is another run's): a run whose adapter reached --iters finished."""
+    from liandan.adapters import RECORD, read_record
+
+    try:
+        if (adapter_dir / RECORD).stat().st_mtime < since:
+            return 0
+        return int(read_record(adapter_dir, required=False).get("iteration") or 0)
+    except (OSError, LiandanError):  # none yet
+        return 0
 
 
 def _tail(path: Path) -> str:

@@ -42,16 +42,20 @@ def fuse_run(adapter_dir: Path, ship_dir: Path) -> str:
 def fused_for(adapter_dir: Path, ship_dir: Path) -> Path:
     """The ship folder, its fused model made from the adapter as it is now: fused (again) when it never was, or
     when the run has trained on (or was retrained) since, so an export never ships older weights."""
+    from liandan.adapters import RECORD
+
     marker = Path(ship_dir) / FUSED_FROM
-    current = (fused_dir(ship_dir) / "liandan.json").is_file() and marker.is_file()
+    current = (fused_dir(ship_dir) / RECORD).is_file() and marker.is_file()
     if not current or marker.read_text(encoding="utf-8") != adapter_key(adapter_dir):
         fuse_run(adapter_dir, ship_dir)
     return Path(ship_dir)
 
 
 def _fused(ship_dir: Path) -> Path:
+    from liandan.adapters import RECORD
+
     fused = fused_dir(ship_dir)
-    if not (fused / "liandan.json").is_file():
+    if not (fused / RECORD).is_file():
         raise LiandanError(f"{fused}: fuse the adapter first")
     return fused
 
