@@ -100,6 +100,9 @@ def setup_finetuning(model, cfg: TrainConfig):
         base.config.use_cache = False
     n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     summary = f"Trainable parameters: {100 * n_train / total:.3f}% ({n_train / 1e6:.3f}M/{total / 1e6:.3f}M)"
+    n_layers = len(decoder_layers(model))
+    if cfg.num_layers > n_layers:  # liandan trains them all, and says so
+        summary += f" (--num-layers {cfg.num_layers}: the model has {n_layers} layers, all trained)"
     return trained, summary
 
 
@@ -132,6 +135,18 @@ def holds_adapter(directory: Path) -> bool:
     return any((Path(directory) / name).exists() for name in (RECORD, PEFT_WEIGHTS, FULL_WEIGHTS))
 
 
+def base_model_of(adapter_dir: Path, record: dict, given: str | None = None) -> str | None:
+    """--model when given, else the base model the adapter's record names. A recorded folder that has moved
+    is one line naming the record and the fix, not a bare "model not found"."""
+    if given is not None:
+        return given
+    base = record.get("base_model")
+    if base and os.path.isabs(base) and not os.path.exists(base):
+        raise LiandanError(f"{Path(adapter_dir) / RECORD} names the base model {base}, which is not there any more; "
+                           "pass --model with where it is now")
+    return base
+
+
 def read_record(directory: Path, required: bool = True) -> dict:
     """The record in an adapter or fused model directory; {} when there is none and `required` is False."""
     path = Path(directory) / RECORD
@@ -140,9 +155,13 @@ def read_record(directory: Path, required: bool = True) -> dict:
             return {}  # a plain PEFT adapter from another tool: usable, without a rendering record
         raise LiandanError(f"--adapter-path {directory}: no adapter found (expected {RECORD} and {PEFT_WEIGHTS})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise LiandanError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
+        raise LiandanError(f"{where}: invalid JSON: {getattr(exc, 'msg', exc)}") from None
+    if not isinstance(record, dict):
+        raise LiandanError(f"{path}: expected a JSON object (liandan's record of the adapter), got {type(record).__name__}")
+    return record
 
 
 def load_adapter(model, directory: Path, record: dict):
@@ -159,8 +178,11 @@ def load_adapter(model, directory: Path, record: dict):
 
     try:
         model = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
-    except Exception as exc:
-        raise LiandanError(f"cannot apply the adapter in {directory} to this model: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # PEFT's message is a header line, then the first mismatch, which says what is wrong
+        said = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        base = record.get("base_model")
+        raise LiandanError(f"cannot apply the adapter in {directory} to this model: {' '.join(said[:2])[:300]}"
+                           + (f"; it was trained on {base} (leave out --model to use it)" if base else "")) from exc
     model.eval()
     return model
 

@@ -22,9 +22,11 @@ def atomic_path(target: str | os.PathLike):
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
     try:
         yield Path(tmp)
+        # mkstemp makes 0600, and writers that replace the file (safetensors' save_file) do too: give it the
+        # permissions open() would, so a shared model folder or another user can read it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -57,6 +59,9 @@ def atomic_dir(target: str | os.PathLike, keep_others=False):
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # safetensors' save_file (in save_pretrained) writes 0600 files
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, 0o666 & ~_umask())
         old = None
         if target.exists():
             # A fresh name: a fixed one could hold what an earlier interrupted swap left behind.
@@ -82,6 +87,17 @@ def _carry_over(old: Path, new: Path, keep) -> None:
                                    f"({exc.strerror}); it and the previous output are in {old}") from None
 
 
+def check_creatable(target: Path, flag: str) -> None:
+    """Before any work: the folders on the way to `target` are folders (or can be made) in one that takes writes."""
+    parent = Path(os.path.abspath(target)).parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LiandanError(f"{flag} {target}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LiandanError(f"{flag} {target}: cannot write in {parent} (permission denied)")
+
+
 def check_output(target: str | os.PathLike, flag: str, reads, overwrite: bool, directory: bool = False) -> None:
     """Refuse an output path that would replace what the command reads or what the user keeps.
 
@@ -91,6 +107,7 @@ def check_output(target: str | os.PathLike, flag: str, reads, overwrite: bool, d
     non-empty directory is refused.
     """
     target = Path(target)
+    check_creatable(target, flag)
     real = Path(os.path.realpath(target))
     for label, source in reads.items() if isinstance(reads, dict) else reads:
         if source is None or not os.path.lexists(source):

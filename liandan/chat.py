@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from liandan.errors import LiandanError
+
 HELP = "Commands: /reset (forget the conversation), /exit (or Ctrl-D)."
 
 
@@ -28,6 +30,19 @@ def fit_history(encoder, history: list[dict], context: int, max_tokens: int,
         history = history[2:] if len(history) > 2 else history[-1:]
 
 
+def is_text(line: str) -> bool:
+    """False, with a one-line note, for a line that is not UTF-8 text (a paste in another encoding), so that it
+    costs that line and not the session (the tokenizer would raise a TypeError on it)."""
+    from liandan.generate import check_text
+
+    try:
+        check_text(line, "this message")
+    except LiandanError as exc:
+        print(f"({exc}; not sent)", flush=True)
+        return False
+    return True
+
+
 def main(args: argparse.Namespace) -> int:
     from liandan.engines import engine_from_args
     from liandan.generate import TextStreamer, check_inference_args, sampling_of
@@ -43,6 +58,8 @@ def main(args: argparse.Namespace) -> int:
 
         docs = DocsContext.open(args.docs, pipe.record, args.top_k)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # an undecodable line then arrives as text that check_text refuses, instead
+        sys.stdin.reconfigure(errors="surrogateescape")  # of a UnicodeDecodeError that would end the session
     if pipe.encoder.rendering.prompt_style == "raw":  # chat is turns in the chat template, whatever training saw
         print("Note: this adapter was trained on plain text, not chat turns; chat wraps your messages in the chat "
               "template. To continue text as it was trained, use `liandan generate -p TEXT`.", file=sys.stderr, flush=True)
@@ -64,6 +81,8 @@ def main(args: argparse.Namespace) -> int:
             continue
         if line.startswith("/"):
             print(HELP, flush=True)
+            continue
+        if not is_text(line):
             continue
         asked = [{"role": "user", "content": line}]
         if docs:  # the question with its retrieved chunks; a layout may put them in a system turn of this prompt only

@@ -78,14 +78,25 @@ def run(func, args) -> int:
     except KeyboardInterrupt:
         print("liandan: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.filename is None:
+            return _internal_error(exc)
+        # A path the system refused (permissions, a file where a folder should be, a full disk): the user's to
+        # fix, so one line; the traceback still goes to the log in case a check of liandan's should have caught it.
+        print(f"liandan: error: {exc.filename}: {exc.strerror or exc} (details in {_log_traceback()})", file=sys.stderr)
+        return EXIT_INPUT
     except Exception as exc:  # the top-level guard: anything else is a bug in liandan
-        log = _log_traceback()
-        message = " ".join(str(exc).split())[:300]
-        print(f"liandan: internal error: {type(exc).__name__}: {message} (please report; details in {log})",
-              file=sys.stderr)
-        if os.environ.get("LIANDAN_DEBUG") == "1":
-            traceback.print_exc()
-        return EXIT_INTERNAL
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    log = _log_traceback()
+    message = " ".join(str(exc).split())[:300]
+    print(f"liandan: internal error: {type(exc).__name__}: {message} (please report; details in {log})",
+          file=sys.stderr)
+    if os.environ.get("LIANDAN_DEBUG") == "1":
+        traceback.print_exc()
+    return EXIT_INTERNAL
 
 
 def _log_traceback() -> str:

@@ -19,6 +19,9 @@ from liandan.errors import LiandanError
 from liandan.export.quantize import OUTTYPE_HELP
 
 
+GGUF_OUTTYPE = "f16"  # --export-gguf's default, as mlx_lm's fuse writes
+
+
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="Base model (default: the adapter's base model)")
     adapters = TrainConfig.adapter_path  # where `liandan lora` saves by default
@@ -26,7 +29,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--save-path", default="fused_model", help="Where to write the fused model (default: fused_model)")
     parser.add_argument("--export-gguf", action="store_true", help="Also write a GGUF file for llama.cpp / Ollama")
     parser.add_argument("--gguf-path", default=None, help="GGUF file (default: SAVE_PATH/ggml-model-OUTTYPE.gguf)")
-    parser.add_argument("--outtype", default="f16", help=f"GGUF tensor type: {OUTTYPE_HELP} (default f16)")
+    parser.add_argument("--outtype", default=None, help=f"GGUF tensor type: {OUTTYPE_HELP} (default {GGUF_OUTTYPE})")
     parser.add_argument("--dequantize", action="store_true",
                         help="Accepted for mlx_lm compatibility: liandan always fuses into dequantized weights")
     parser.add_argument("--chat-template", help=CHAT_TEMPLATE_HELP)
@@ -42,7 +45,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
     """Merge and save; returns the rendering record used."""
     import torch
 
-    from liandan.adapters import load_adapter, read_record
+    from liandan.adapters import base_model_of, load_adapter, read_record
     from liandan.atomic import atomic_dir, check_output
     from liandan.data.render import rendering_of, stop_token_ids
     from liandan.models import Device, load_model, resolve_model
@@ -50,7 +53,7 @@ def fuse(model_spec: str | None, adapter_path: Path, save_path: Path, trust_remo
     adapter_path, save_path = Path(adapter_path), Path(save_path)
     check_output(save_path, "--save-path", {"--adapter-path": adapter_path}, overwrite, directory=True)
     record = read_record(adapter_path)
-    model_spec = model_spec or record.get("base_model")
+    model_spec = base_model_of(adapter_path, record, model_spec)
     model_dir = resolve_model(model_spec)
     check_output(save_path, "--save-path", {"the base model": model_dir, "--model": Path(model_spec) if model_spec else None},
                  overwrite, directory=True)
@@ -93,7 +96,7 @@ def _saved_dtype(model_dir: Path):
 
 
 def main(args: argparse.Namespace) -> int:
-    from liandan.adapters import read_record
+    from liandan.adapters import base_model_of, read_record
     from liandan.data.render import Rendering
     from liandan.export.gguf import export_gguf
     from liandan.atomic import check_output
@@ -101,10 +104,12 @@ def main(args: argparse.Namespace) -> int:
 
     if not Path(args.adapter_path).is_dir():
         raise LiandanError(f"--adapter-path {args.adapter_path}: not a directory")
+    if not args.export_gguf and (args.gguf_path or args.outtype):  # else the user waits for a GGUF never written
+        raise LiandanError(f"{'--gguf-path' if args.gguf_path else '--outtype'} applies to the GGUF; add --export-gguf")
     if args.export_gguf:
-        args.outtype = usable_outtype(args.outtype)  # a bad --outtype stops before the merge, not after it
+        args.outtype = usable_outtype(args.outtype or GGUF_OUTTYPE)  # a bad --outtype stops before the merge, not after it
         if args.gguf_path:
-            base = args.model or read_record(Path(args.adapter_path)).get("base_model")
+            base = base_model_of(Path(args.adapter_path), read_record(Path(args.adapter_path)), args.model)
             check_output(args.gguf_path, "--gguf-path", {"--adapter-path": Path(args.adapter_path),
                                                          "--model": Path(base) if base else None}, args.overwrite)
     record = fuse(args.model, Path(args.adapter_path), Path(args.save_path), args.trust_remote_code,

@@ -160,13 +160,12 @@ def load_pipeline(model_spec: str | None, adapter_path: str | None, system_promp
                   extra_eos: list[str] | None = None, dtype: str | None = None,
                   trust_remote_code: bool = False, load_weights: bool = True,
                   chat_template: str | None = None) -> Pipeline:
-    from liandan.adapters import RECORD, load_adapter, read_record
+    from liandan.adapters import RECORD, base_model_of, load_adapter, read_record
     from liandan.data.render import Encoder, rendering_of
     from liandan.models import load_model, load_tokenizer, pick_device, resolve_model
 
     record = read_record(Path(adapter_path)) if adapter_path else {}
-    if model_spec is None and record.get("base_model"):
-        model_spec = record["base_model"]  # the adapter knows its base model
+    model_spec = base_model_of(adapter_path, record, model_spec)  # the adapter knows its base model
     device = pick_device(dtype)
     model_dir = resolve_model(model_spec)
     if not adapter_path and (model_dir / RECORD).is_file():
@@ -254,7 +253,7 @@ def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argp
 
 
 def check_inference_args(args: argparse.Namespace) -> None:
-    """Refuse out-of-range sampling options before anything loads."""
+    """Refuse out-of-range sampling options and undecodable text options before anything loads."""
     if args.max_tokens <= 0:
         raise LiandanError(f"--max-tokens must be positive, got {args.max_tokens}")
     if getattr(args, "ctx_size", None) is not None and args.ctx_size < 16:
@@ -265,6 +264,10 @@ def check_inference_args(args: argparse.Namespace) -> None:
         raise LiandanError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not 0 <= args.min_p < 1:
         raise LiandanError(f"--min-p must be in [0, 1), got {args.min_p}")
+    texts = [("--system-prompt", args.system_prompt)] + [("--extra-eos-token", t) for t in args.extra_eos_token]
+    for flag, text in texts:
+        if text is not None:  # these reach the tokenizer, which fails on undecodable text with a TypeError
+            check_text(text, flag)
 
 
 def sampling_of(args: argparse.Namespace):
@@ -282,16 +285,23 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompt(prompt: str) -> str:
-    """-p TEXT, or stdin for "-": UTF-8 text, else one line (the tokenizer would fail on undecodable bytes)."""
+def check_text(text: str, what: str) -> str:
+    """`text` itself if it is Unicode text, else a one-line LiandanError naming `what`. Undecodable bytes (argv and
+    stdin decode them with surrogateescape) and unpaired JSON "\\ud800" escapes become lone surrogates, which the
+    tokenizer refuses with a TypeError; they are exactly the code points UTF-8 cannot encode."""
     try:
-        if prompt == "-":
-            return sys.stdin.buffer.read().decode("utf-8")
-        prompt.encode("utf-8")  # argv's undecodable bytes arrive as surrogates, which do not encode
-        return prompt
-    except UnicodeError as exc:
-        where = "stdin" if prompt == "-" else "-p"
-        raise LiandanError(f"{where}: the prompt is not UTF-8 text (at position {exc.start})") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LiandanError(f"{what} is not UTF-8 text (at position {exc.start}): an undecodable byte or a lone "
+                           "surrogate such as \\ud800") from None
+    return text
+
+
+def read_prompt(prompt: str) -> str:
+    """-p TEXT, or stdin for "-": UTF-8 text, else one line."""
+    if prompt == "-":  # surrogateescape: a bad byte becomes a surrogate that check_text places and refuses
+        return check_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "stdin: the prompt")
+    return check_text(prompt, "-p: the prompt")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -197,11 +197,14 @@ def run(cfg: TrainConfig, log=print, dist=None, results: dict | None = None) -> 
 
     from liandan.data.formats import check_data_path
     from liandan.dist import Dist
+    from liandan.generate import check_text
 
     dist = dist or Dist()
     log = log if dist.is_main else _silent  # only rank 0 talks and writes
     check_world(cfg, dist.world)
     check_data_path(cfg.data)  # a mistyped --data folder: one line now, not after the model has loaded
+    if cfg.system_prompt is not None:
+        check_text(cfg.system_prompt, "--system-prompt")
     target = prepare_adapter_dir(cfg, dist, log)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -228,13 +231,12 @@ def run(cfg: TrainConfig, log=print, dist=None, results: dict | None = None) -> 
 def prepare_adapter_dir(cfg: TrainConfig, dist, log) -> AdapterTarget:
     """Training: find the checkpoint to --resume, or refuse to replace another run's adapter, and check that
     checkpoints can be written. Test only: read the adapter's record (its base model is the default --model)."""
-    from liandan.adapters import holds_adapter, read_record
+    from liandan.adapters import base_model_of, holds_adapter, read_record
 
     adapter_dir = Path(cfg.adapter_path)
     if not cfg.train:
         record = read_record(adapter_dir)
-        if cfg.model is None and record.get("base_model"):
-            cfg.model = record["base_model"]
+        cfg.model = base_model_of(adapter_dir, record, cfg.model)
         return AdapterTarget(adapter_dir, record)
     resume_from = None
     if cfg.resume:

@@ -95,6 +95,11 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def check_model_dir(path: Path) -> None:
     """Fail early, in one line, when a model directory lacks what loading needs."""
+    from liandan.adapters import PEFT_CONFIG
+
+    if (path / PEFT_CONFIG).is_file() and not (path / "config.json").is_file():
+        raise LiandanError(f"{path} is an adapter, not a model; give it as --adapter-path, or merge it into its base "
+                           f"model first with `liandan fuse --adapter-path {path}`")
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")

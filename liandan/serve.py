@@ -161,13 +161,13 @@ class Guard:
 
     def __init__(self, app, api_key: str | None, max_body: int):
         self.app, self.max_body = app, max_body
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.expected and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+        if self.key and not self.authorized(headers.get(b"authorization", b"")):
             return await _send_error(send, 401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key")
         length = headers.get(b"content-length", b"")
         if scope["method"] in ("POST", "PUT", "PATCH") and not length.isdigit():
@@ -178,6 +178,12 @@ class Guard:
         await self.app(scope, receive, send)
         if length.isdigit() and int(length) > TRIM_AFTER_BYTES:
             await asyncio.to_thread(release_memory)
+
+    def authorized(self, header: bytes) -> bool:
+        """'Bearer KEY' with the scheme in any case, as RFC 7235 has it ('bearer KEY' too); the key compared in
+        constant time, whatever the scheme."""
+        scheme, _, key = header.partition(b" ")
+        return hmac.compare_digest(key.lstrip(b" "), self.key) and scheme.lower() == b"bearer"
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
@@ -191,8 +197,40 @@ async def _send_error(send, status: int, message: str, code: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def strings_of(body):
+    """(place, text) for every string of a parsed JSON body, keys first (`messages.0.content`: a place is built
+    from keys already given). Iterative: a deeply nested body must not exhaust the stack."""
+    todo = [("", body)]
+    while todo:
+        place, value = todo.pop()
+        if isinstance(value, str):
+            yield place or "the body", value
+        elif isinstance(value, list):
+            todo.extend((f"{place}.{i}" if place else str(i), item) for i, item in enumerate(value))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield f"a key in {place or 'the body'}", key
+                todo.append((f"{place}.{key}" if place else key, item))
+
+
+def check_body_text(body) -> None:
+    """A JSON "\\ud800" escape parses to a lone surrogate, on which the tokenizer raises a TypeError and no reply
+    naming it could be encoded: refuse such a body, naming the place. One pass in C (json.dumps, encode) clears a
+    good body; only a bad one is walked."""
+    from liandan.generate import check_text
+
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return
+    except (ValueError, TypeError, RecursionError):  # a surrogate; bytes (a body sent without a JSON content type);
+        pass  # nesting about as deep as json.loads allows
+    for place, text in strings_of(body):
+        check_text(text, place)
+
+
 def request_models(max_tokens_limit: int):
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+    from pydantic_core import PydanticCustomError
 
     class TextPart(BaseModel):
         type: Literal["text"]
@@ -201,6 +239,13 @@ def request_models(max_tokens_limit: int):
     class ChatMessage(BaseModel):
         role: Literal["system", "developer", "user", "assistant", "tool"]  # "developer": newer clients' "system"
         content: str | list[TextPart] | None = None  # a list of text parts, as several SDKs and UIs send it
+
+        @model_validator(mode="after")
+        def needs_content(self):  # as OpenAI's API: only an assistant turn (one that calls tools) may have none
+            if self.content is None and self.role != "assistant":
+                raise PydanticCustomError("missing_content", "a {role} message needs content: a string or a list of "
+                                          "text parts", {"role": self.role})
+            return self
 
         def as_dict(self) -> dict:
             text = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
@@ -219,6 +264,15 @@ def request_models(max_tokens_limit: int):
         stream: bool = False
         stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage, as OpenAI sends
         n: int = Field(default=1, ge=1, le=1)
+
+        @model_validator(mode="before")
+        @classmethod
+        def unicode_text(cls, body):
+            try:
+                check_body_text(body)
+            except LiandanError as exc:  # a custom error: pydantic would prefix a ValueError's message
+                raise PydanticCustomError("invalid_text", "{reason}", {"reason": str(exc)}) from None
+            return body
 
     class ChatRequest(Sampling):
         messages: list[ChatMessage] = Field(min_length=1)
@@ -492,13 +546,30 @@ def model_name(args) -> str:
 
 
 def check_serve_args(args: argparse.Namespace) -> None:
-    from liandan.generate import check_inference_args
+    from liandan.generate import check_inference_args, check_text
 
     check_inference_args(args)
     for flag, value, low in (("--parallel", args.parallel, 1), ("--max-queue", args.max_queue, 0),
                              ("--max-tokens-limit", args.max_tokens_limit, 1), ("--max-body-bytes", args.max_body_bytes, 1)):
         if value < low:
             raise LiandanError(f"{flag} must be at least {low}, got {value}")
+    if not 1 <= args.port <= 65535:  # 0 would bind a random port while announcing port 0; above 65535 uvicorn crashes
+        raise LiandanError(f"--port must be between 1 and 65535, got {args.port}")
+    for flag, text in (("--host", args.host), ("--model-name", args.model_name), ("--api-key", args.api_key)):
+        if text is not None:  # undecodable bytes would fail in the resolver, the replies' JSON, the header comparison
+            check_text(text, flag)
+    check_api_key(args.api_key)
+
+
+def check_api_key(key: str | None) -> None:
+    """An empty key (`--api-key "$KEY"` with KEY unset) must not quietly turn authentication off, and HTTP strips
+    the blanks around a header's value, so a key with them could never match."""
+    if key is not None and not key.strip():
+        raise LiandanError("--api-key is empty (an unset variable?): give the key, or leave --api-key out to serve "
+                           "without authentication")
+    if key is not None and key != key.strip():
+        raise LiandanError("--api-key starts or ends with a blank, which HTTP strips from the header: no client "
+                           "could send it")
 
 
 def check_port_free(host: str, port: int) -> None:

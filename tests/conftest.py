@@ -125,3 +125,10 @@ def template_adapter(tmp_path_factory):
         return made[name]
 
     return make
+
+
+def one_line_error(result, *expected):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr

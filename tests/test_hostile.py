@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import liandan, write_jsonl
+from conftest import liandan, one_line_error, write_jsonl
 
 from liandan.atomic import check_output, removed_if_failed
 from liandan.cli import run
@@ -84,7 +84,8 @@ def test_data_check_reports_every_probe_at_its_line(tmp_path, tiny_llama):
     result = liandan("data", "check", tmp_path, "--model", tiny_llama, "--max-line-bytes", 300_000, timeout=300)
     expected = [f"train.jsonl:{n}: {message}" for n, (_, message) in enumerate(BAD_LINES, start=2)]
     expected += ["train.jsonl:5: the line is longer than --max-line-bytes 300,000"]
-    expected += [f"{name}.jsonl: {SPECIAL_FILES[kind]}, not a regular file" for kind, name in zip(SPECIAL_FILES, ("valid", "test", "extra"))]
+    expected += [f"{name}.jsonl: {SPECIAL_FILES[kind]}, not a regular file" for kind, name in zip(SPECIAL_FILES, ("valid", "test"))]
+    expected += ["Not checked, as training does not read them: extra.jsonl"]  # (what lora writes there, e.g. metrics.jsonl)
     assert_refused(result, "train.jsonl: completions, 2 example(s)", *expected)
     assert snapshot(train) == before
 
@@ -138,6 +139,86 @@ def test_a_bug_is_exit_3_with_one_line_and_a_log(tmp_path, monkeypatch, capsys):
     assert len(stderr.splitlines()) == 1
     logs = list((tmp_path / "cache" / "logs").glob("crash-*.log"))
     assert len(logs) == 1 and str(logs[0]) in stderr and "Traceback" in logs[0].read_text()
+
+
+def test_a_path_the_system_refuses_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """Not a bug of liandan's: the user's to fix, so one line (the traceback still goes to the log)."""
+    monkeypatch.setenv("LIANDAN_CACHE", str(tmp_path / "cache"))
+
+    def refused(args):
+        raise PermissionError(13, "Permission denied", "/srv/models/out")
+
+    assert run(refused, None) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("liandan: error: /srv/models/out: Permission denied (details in ") and len(stderr.splitlines()) == 1
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "t.csv").write_text("prompt,completion\nq,a\n")
+    for out in ("afile", "afile/sub"):
+        one_line_error(liandan("data", "prepare", tmp_path / "t.csv", "--out", tmp_path / out),
+                       f"{tmp_path / 'afile'} is a file, not a folder")
+        one_line_error(liandan("docs", "index", tmp_path, "--out", tmp_path / "afile" / "sub"),
+                       f"{tmp_path / 'afile'} is a file, not a folder")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_misused_commands_say_what_to_do_in_one_line(tmp_path, tiny_llama):
+    """Found by running the CLI as a user would: each was a traceback, a misleading message or a silent no-op."""
+    json = __import__("json")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "liandan.json").write_text(json.dumps({"base_model": str(tmp_path / "gone"), "fine_tune_type": "lora"}))
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "liandan.json").write_text("[]")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# Title\n\nSome words about a product, enough to index.\n")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "t.csv").write_text("prompt,completion\nq,a\n")
+    write_jsonl(tmp_path / "first" / "train.jsonl", [{"messages": [{"role": "assistant", "content": "hi"}]}])
+    cases = [
+        (["fuse", "--adapter-path", adapter, "--outtype", "q8_0"], "--outtype applies to the GGUF; add --export-gguf"),
+        (["fuse", "--adapter-path", adapter, "--gguf-path", tmp_path / "x.gguf"], "--gguf-path applies to the GGUF"),
+        (["data", "from-docs", docs, "--out", tmp_path / "o1", "--chunk-tokens", "2"], "--chunk-tokens must be at least 16"),
+        (["data", "from-docs", docs, "--out", tmp_path / "o2", "--overlap", "-3"], "--overlap -3 must be 0 or more"),
+        (["docs", "search", docs, "-q", "product", "--top-k", "0"], "--top-k must be at least 1, got 0"),
+        (["docs", "index", tmp_path / "loop", "--out", tmp_path / "ix"], "loop: no such file or directory"),
+        (["generate", "--adapter-path", moved, "-p", "hi"], f"names the base model {tmp_path / 'gone'}, which is not "
+                                                            "there any more; pass --model"),
+        (["generate", "--adapter-path", listed, "-p", "hi"], "liandan.json: expected a JSON object"),
+        (["export", "ollama", "--model", adapter, "--name", "m"], "is an adapter, not a model; give it as --adapter-path"),
+        (["data", "check", tmp_path / "t.csv"], "data check reads JSONL, as training does; convert this table first"),
+        (["eval", tmp_path, "--model", tiny_llama], "a folder; give the questions file"),
+    ]
+    for argv, expected in cases:
+        one_line_error(liandan(*argv), expected)
+    report = liandan("data", "check", tmp_path / "first", "--model", tiny_llama)  # not "an empty conversation"
+    assert report.returncode == 2 and "train.jsonl:1: the chat starts with an assistant turn" in report.stdout
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """safetensors' save_file replaces the file it is given with a 0600 one; the adapter must be readable by the
+    group and others as every other output is (a shared model folder, a container running as another user)."""
+    from safetensors.torch import save_file
+
+    from liandan.atomic import atomic_dir, atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "a.safetensors") as tmp:
+            save_file({"x": __import__("torch").zeros(1)}, str(tmp))
+        with atomic_dir(tmp_path / "fused") as tmp:
+            save_file({"x": __import__("torch").zeros(1)}, str(tmp / "model.safetensors"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "fused" / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 CRASH = "import sys, liandan.data.cli as c; c.main = lambda args: {}['boom']; from liandan.cli import main; main(sys.argv[1:])"

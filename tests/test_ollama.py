@@ -176,6 +176,17 @@ def test_export_ollama_refuses_before_writing(tiny_llama, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_ollama_names_take_a_tag_and_files_never_a_colon():
+    from liandan.export.ollama import check_ollama_name, file_stem
+
+    for good in ("jokes", "jokes:v1", "my-model_2.5:latest"):
+        check_ollama_name(good)
+    for bad in (".hidden", "-x", "a:b:c", "a/b", "名字", ""):
+        with pytest.raises(LiandanError, match="use name or name:tag"):
+            check_ollama_name(bad)
+    assert file_stem("jokes:v1") == "jokes-v1"
+
+
 
 # (template, BOS, EOS as the model's tokenizer has them)
 GGUF_FAMILIES = [

@@ -4,7 +4,7 @@ prompts asked twice, odd rows and templates, a data folder without train.jsonl, 
 from pathlib import Path
 
 import pytest
-from conftest import liandan, write_jsonl
+from conftest import liandan, one_line_error, write_jsonl
 
 from liandan.data.formats import load_splits, read_jsonl
 from liandan.data.prepare import prepare, split
@@ -17,13 +17,6 @@ def quiet(*_):
 
 def qa(n, prompt="q{i}"):
     return [{"prompt": prompt.format(i=i), "completion": f"a{i}"} for i in range(n)]
-
-
-def one_line_error(result, *expected):
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    for text in expected:
-        assert text in result.stderr, result.stderr
 
 
 # 1. Re-preparing a directory never mixes two datasets.
@@ -95,11 +88,26 @@ def test_one_prompt_for_all_examples_goes_to_train_with_a_note(tmp_path):
     ("in.jsonl", '{"prompt": "q", "completion": "a"}\n', ["--completion", "{}"], "--completion '{}': {} names no field"),
     ("in.jsonl", '{"prompt": "q", "completion": "a"}\n', ["--completion", "{a"], "--completion '{a': not a valid template"),
     ("in.jsonl", '{"prompt": "q", "completion": "a"}\n', ["--prompt", "{prompt!r}"], "without ':' or '!'"),
+    # a stray quote would swallow the rows after it into one answer, and the file convert "successfully"
+    ("in.csv", 'prompt,completion\nq1,a1\nq2,"He said ""hi\nq3,a3\nq4,a4\n', [],
+     "in.csv:3: a quoted field starts here and never closes"),
+    ("in.json", '[{"prompt": "q", "completion": {"text": ["a"]}}]', [], "in.json:1: field 'completion' (for --completion) "
+     "is an object, not text"),
+    ("in.jsonl", '{"q": "x", "a": ["y"]}\n', ["--prompt", "{q}", "--completion", "A: {a}"], "in.jsonl:1: field 'a' "
+     "(for --completion) is a list"),
 ])
 def test_prepare_refuses_bad_rows_and_templates_in_one_line(tmp_path, name, content, args, expected):
     (tmp_path / name).write_text(content)
     one_line_error(liandan("data", "prepare", tmp_path / name, "--out", tmp_path / "out", *args), expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_rows_with_nothing_to_learn_are_counted_with_their_lines(tmp_path):
+    (tmp_path / "in.csv").write_text('prompt,completion\nq1,"multi\nline"\nq2,\n,a3\nq4,42\n')
+    said = []
+    prepare([tmp_path / "in.csv"], tmp_path / "out", "completions", 0, 0, 0, log=said.append)
+    assert f"Note: {tmp_path / 'in.csv'}: 2 row(s) with an empty prompt or completion skipped (lines 4, 5)" in said
+    assert [e.messages[1]["content"] for e in read_jsonl(tmp_path / "out" / "train.jsonl").examples] == ["multi\nline", "42"]
 
 
 def test_template_fields_are_looked_up_by_their_whole_name(tmp_path):

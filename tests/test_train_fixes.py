@@ -40,6 +40,14 @@ def test_overwrite_keeps_the_old_checkpoints_until_the_new_run_saves_one(tmp_pat
     assert checkpoints(adapters) == ["0000001"]  # the old run's 0000002 must not be resumed
 
 
+def test_more_layers_than_the_model_has_says_all_are_trained(tmp_path, tiny_llama):
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    logs = []
+    run_lora(logs, **options(tmp_path, tiny_llama, iters=1, num_layers=100))
+    assert any(line.startswith("Trainable parameters:") and "(--num-layers 100: the model has 4 layers, all trained)"
+               in line for line in logs), logs
+
+
 def test_keep_checkpoints_keeps_the_newest_complete_ones(tmp_path, tiny_llama):
     write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
     run_lora(**options(tmp_path, tiny_llama, iters=4, keep_checkpoints=2))

@@ -242,9 +242,12 @@ def histogram(lengths: list[int], bins: int = 8, width: int = 30) -> list[str]:
 
 
 def check(target: Path, encoder, max_seq_length: int, names: FieldNames, max_line_bytes: int = MAX_LINE_BYTES) -> dict:
-    """Check a data directory ({train,valid,test}.jsonl, other *.jsonl too) or one file."""
+    """Check a data directory or one file. A directory's {train,valid,test}.jsonl are what training reads, so
+    only they are checked when there (not metrics.jsonl or a raw export beside them); else every *.jsonl."""
     target = Path(target)
     files = sorted(target.glob("*.jsonl"), key=lambda p: (_rank(p), p.name)) if target.is_dir() else [target]
+    not_read = [p for p in files if p.stem not in SPLITS] if any(p.stem in SPLITS for p in files) else []
+    files = [p for p in files if p not in not_read]
     held_out = [p for p in files if p.stem in ("valid", "test")] if target.is_dir() else []
     reports, finders = {}, {}
     for path in held_out:  # read first: their questions are what train's are matched against
@@ -262,7 +265,8 @@ def check(target: Path, encoder, max_seq_length: int, names: FieldNames, max_lin
                                           on_question=match_train_question if path.stem == "train" else None)
     trained = any(p.stem == "train" for p in files)
     leakage = {split: finder.leaks() for split, finder in finders.items() if trained}
-    return {"files": [reports[p] for p in files], "leakage": leakage, "max_seq_length": max_seq_length}
+    return {"files": [reports[p] for p in files], "leakage": leakage, "max_seq_length": max_seq_length,
+            "not_read": [p.name for p in not_read]}
 
 
 def _rank(path: Path) -> int:
@@ -276,6 +280,14 @@ def _in_training(fmt: str | None) -> str:
                 "(or use --long-examples truncate/drop)")
     return ("truncated in training (or use --long-examples drop); a chat is counted up to the turn that "
             "crosses the limit")
+
+
+def require_jsonl(target: Path) -> None:
+    """A table `data prepare` converts (.csv, .json, .parquet) is not training data yet: say how to make it so,
+    instead of an "invalid JSON" error on every line."""
+    if target.is_file() and target.suffix.lower() in TABLE_SUFFIXES and target.suffix.lower() != ".jsonl":
+        raise LiandanError(f"{target}: data check reads JSONL, as training does; convert this table first with "
+                           f"`liandan data prepare {target} --out DIR`, then check DIR")
 
 
 def require_train(target: Path) -> None:
@@ -335,5 +347,7 @@ def render_report(result: dict, encoder) -> tuple[list[str], int, int]:
                      "loss says little about new questions:")
         for leak in leaks[:MAX_LISTED]:
             lines.append(f"    {split}.jsonl:{leak['line']} = train.jsonl:{leak['train_line']} ({leak['kind']})")
+    if result.get("not_read"):
+        lines.append(f"Not checked, as training does not read them: {', '.join(result['not_read'])}")
     lines.append(f"{errors} error(s), {warnings} warning(s)")
     return lines, errors, warnings

@@ -117,7 +117,7 @@ def _tokenizer(model: str | None):
 
 def main(args: argparse.Namespace) -> int:
     if args.action == "check":
-        from liandan.data.check import check, render_report, require_train
+        from liandan.data.check import check, render_report, require_jsonl, require_train
         from liandan.data.formats import FieldNames
         from liandan.data.render import Encoder, make_rendering, trains_tools
 
@@ -126,6 +126,7 @@ def main(args: argparse.Namespace) -> int:
             raise LiandanError(f"{target}: no such file or directory")
         if args.max_line_bytes <= 0:
             raise LiandanError(f"--max-line-bytes must be positive, got {args.max_line_bytes}")
+        require_jsonl(target)
         require_train(target)
         tokenizer = _tokenizer(args.model)
         tools = trains_tools(tokenizer, target)
@@ -134,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         result = check(target, encoder, args.max_seq_length, names, args.max_line_bytes)
         lines, errors, warnings = render_report(result, encoder)
         if args.json:
-            print(json.dumps({"files": [r.to_dict() for r in result["files"]], "leakage": result["leakage"],
+            print(json.dumps({"files": [r.to_dict() for r in result["files"]], "leakage": result["leakage"], "not_read": result["not_read"],
                               "errors": errors, "warnings": warnings}, ensure_ascii=False, indent=2))
         else:
             print("\n".join(lines), flush=True)  # the report stands even if showing the examples fails
@@ -168,8 +169,6 @@ def main(args: argparse.Namespace) -> int:
 
     chunk_tokens = CHUNK_TOKENS if args.chunk_tokens is None else args.chunk_tokens
     overlap = OVERLAP_TOKENS if args.overlap is None else args.overlap
-    if chunk_tokens <= 0:
-        raise LiandanError(f"--chunk-tokens must be positive, got {chunk_tokens}")
     from_docs(Path(args.source), Path(args.out), _tokenizer(args.model), chunk_tokens, overlap,
               overwrite=args.overwrite)
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from liandan.errors import LiandanError
 
 CHUNK_TOKENS, OVERLAP_TOKENS = 512, 64  # `data from-docs` defaults, on the command line and in the studio
+MIN_CHUNK_TOKENS = 16  # the least text a chunk holds besides its heading line
 SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html"}
 _KINDS = ", ".join(list(SUFFIXES)[:-1]) + f" or {list(SUFFIXES)[-1]}"  # for messages: ".md, …, .html or .htm"
 _HEADING = re.compile(r"^(#{1,6})\s+(.*\S)\s*$")
@@ -166,10 +167,10 @@ def _pieces(paragraph: str, limit: int, overlap: int, count) -> list[str]:
 
 def _header(heads: list[str], count, chunk_tokens: int) -> str:
     """The heading line each chunk starts with: the whole path, or only the last heading (or none) when a path
-    that long would leave a chunk fewer than 16 tokens of text (its section is still recorded in full)."""
+    that long would leave a chunk fewer than MIN_CHUNK_TOKENS of text (its section is still recorded in full)."""
     for title in (" > ".join(heads), heads[-1] if heads else ""):
         header = f"# {title}\n\n" if title else ""
-        if chunk_tokens - count(header) >= 16:
+        if chunk_tokens - count(header) >= MIN_CHUNK_TOKENS:
             return header
     return ""
 
@@ -180,7 +181,7 @@ def chunk_document(text: str, count, chunk_tokens: int, overlap: int) -> list[tu
     for heads, paragraphs in sections(text):
         title = " > ".join(heads)
         header = _header(heads, count, chunk_tokens)
-        budget = max(chunk_tokens - count(header), 16)
+        budget = max(chunk_tokens - count(header), MIN_CHUNK_TOKENS)
         current: list[str] = []
         for paragraph in paragraphs:
             parts = [paragraph] if count(paragraph) <= budget else _pieces(paragraph, budget, overlap, count)
@@ -237,8 +238,10 @@ def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: in
 
     source = Path(source)
     files = document_files(source)
-    if overlap >= chunk_tokens:
-        raise LiandanError(f"--overlap {overlap} must be smaller than --chunk-tokens {chunk_tokens}")
+    if chunk_tokens < MIN_CHUNK_TOKENS:
+        raise LiandanError(f"--chunk-tokens must be at least {MIN_CHUNK_TOKENS}, got {chunk_tokens}")
+    if not 0 <= overlap < chunk_tokens:
+        raise LiandanError(f"--overlap {overlap} must be 0 or more and smaller than --chunk-tokens {chunk_tokens}")
     check_output(out / "train.jsonl", "--out", [("the documents", source)], overwrite)
 
     def count(text: str) -> int:

@@ -55,19 +55,30 @@ def _read_values(path: Path):
         yield from enumerate(data, start=1)
     elif suffix == ".csv":
         open_regular(path).close()
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            try:
-                yield from enumerate(reader, start=2)  # line 1 is the header
-            except UnicodeDecodeError:
-                raise LiandanError(f"{path}: not valid UTF-8; save the file as UTF-8") from None
-            except csv.Error as exc:
-                raise LiandanError(f"{path}:{reader.line_num + 1}: invalid CSV: {exc}") from None
+        yield from _csv_rows(path)
     elif suffix == ".parquet":
         open_regular(path).close()
         yield from enumerate(_parquet_rows(path), start=1)
     else:
         raise LiandanError(f"{path}: unknown file type {suffix!r}; use {TABLE_KINDS}")
+
+
+def _csv_rows(path: Path):
+    """(line where the row starts, row). strict: a quote that never closes would otherwise swallow every row
+    after it into one field, and the file would convert "successfully" with those rows gone."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, strict=True)
+        start = 2  # line 1 is the header
+        try:
+            for row in reader:
+                yield start, row
+                start = reader.line_num + 1
+        except UnicodeDecodeError:
+            raise LiandanError(f"{path}: not valid UTF-8; save the file as UTF-8") from None
+        except csv.Error as exc:
+            what = ("a quoted field starts here and never closes (a stray \" ?)" if "end of data" in str(exc)
+                    else f"invalid CSV: {exc}")
+            raise LiandanError(f"{path}:{start}: {what}") from None
 
 
 def _parquet_rows(path: Path) -> list:
@@ -113,7 +124,7 @@ def make_getter(spec: str | None, guesses: tuple, first_row: dict, what: str, pa
             missing = [name for _, name in parts if name is not None and name not in row]
             if missing:
                 raise LiandanError(f"{where}: no field {missing[0]!r} (for --{what})")
-            return "".join(literal + ("" if name is None or row[name] is None else str(row[name]))
+            return "".join(literal + ("" if name is None else _as_text(row[name], name, what, where))
                            for literal, name in parts)
 
         return from_template
@@ -121,27 +132,43 @@ def make_getter(spec: str | None, guesses: tuple, first_row: dict, what: str, pa
     def from_field(row, where):
         if spec not in row:
             raise LiandanError(f"{where}: no field {spec!r} (for --{what}); fields: {', '.join(sorted(row))}")
-        return "" if row[spec] is None else str(row[spec])
+        return _as_text(row[spec], spec, what, where)
 
     return from_field
+
+
+def _as_text(value, name: str, what: str, where: str) -> str:
+    """A field's value as training text: numbers are written out; an object or list (SQuAD's `answers`) would
+    train on its Python spelling ("{'text': [...]}"), so it is refused."""
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list, tuple)):
+        kind = "an object" if isinstance(value, dict) else "a list"
+        raise LiandanError(f"{where}: field {name!r} (for --{what}) is {kind}, not text; put the text it holds "
+                           "in a field of its own first")
+    return str(value)
 
 
 OUTPUT_FORMATS = ("completions", "chat", "text")  # what convert writes; the first is the default
 SPLIT_RATIOS = {"valid": 0.1, "test": 0.1}  # default shares of the examples held out
 
 
-def convert(path: Path, fmt: str, prompt=None, completion=None, text=None, system=None) -> list[dict]:
+def convert(path: Path, fmt: str, prompt=None, completion=None, text=None, system=None, log=print) -> list[dict]:
+    """The rows of one table as training records; rows with nothing to learn from are skipped, and counted."""
     rows = list(read_rows(path))
     if not rows:
         raise LiandanError(f"{path}: no rows")
     first = rows[0][1]
-    out = []
+    out, empty = [], []
     if fmt == "text":
         get_text = make_getter(text, TEXT_NAMES, first, "text", path)
         for n, row in rows:
             value = get_text(row, f"{path}:{n}")
             if value.strip():
                 out.append({"text": value})
+            else:
+                empty.append(n)
+        _note_empty(path, empty, "text", log)
         return out
     get_prompt = make_getter(prompt, PROMPT_NAMES, first, "prompt", path)
     get_completion = make_getter(completion, COMPLETION_NAMES, first, "completion", path)
@@ -150,13 +177,20 @@ def convert(path: Path, fmt: str, prompt=None, completion=None, text=None, syste
         where = f"{path}:{n}"
         p, c = get_prompt(row, where), get_completion(row, where)
         if not p.strip() or not c.strip():
-            continue  # nothing to learn from; `liandan data check` on the input reports such rows
-        if fmt == "completions":
+            empty.append(n)  # nothing to learn from
+        elif fmt == "completions":
             out.append({"prompt": p, "completion": c})
         else:
             messages = [{"role": "system", "content": get_system(row, where)}] if get_system else []
             out.append({"messages": messages + [{"role": "user", "content": p}, {"role": "assistant", "content": c}]})
+    _note_empty(path, empty, "prompt or completion", log)
     return out
+
+
+def _note_empty(path: Path, lines: list[int], what: str, log) -> None:
+    if lines:
+        shown = ", ".join(map(str, lines[:10])) + (" …" if len(lines) > 10 else "")
+        log(f"Note: {path}: {len(lines)} row(s) with an empty {what} skipped (lines {shown})")
 
 
 def prompt_key(record: dict) -> str:
@@ -212,7 +246,7 @@ def prepare(inputs: list[Path], out: Path, fmt: str, valid_ratio: float, test_ra
         check_output(out / f"{name}.jsonl", "--out", reads, overwrite)
     records = []
     for path in inputs:
-        records += convert(Path(path), fmt, **fields)
+        records += convert(Path(path), fmt, log=log, **fields)
     source = f"{inputs[0]}" + (f" (and {len(inputs) - 1} more)" if len(inputs) > 1 else "")
     if not records:
         raise LiandanError(f"{source}: no example left: every row has an empty "

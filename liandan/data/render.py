@@ -246,6 +246,9 @@ class Encoder:
         rendering every prefix of a 10,000-turn chat would take minutes (each renders the whole history)."""
         messages = self.prompt_messages([self._as_rendered(self.clean_message(m)) for m in messages])
         assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if assistant and assistant[0] == 0:  # templates would say "empty conversation", which it is not
+            raise LiandanError("the chat starts with an assistant turn: an answer needs the user turn it answers "
+                               "before it")
         encoded = Encoded([], [], line)
         done = ""  # rendered text already turned into tokens
         for i in assistant:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from liandan.docs.prompt import DEFAULT_TOP_K
+from liandan.errors import LiandanError
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,6 +35,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"Indexed {len(m['files']) - m['skipped']} file(s), {m['chunks']} chunk(s) in "
               f"{time.perf_counter() - start:.1f}s → {args.out}")
         return 0
+    if args.top_k < 1:
+        raise LiandanError(f"--top-k must be at least 1, got {args.top_k}")
     index = open_docs(args.docs)
     hits = index.search(args.query, args.top_k)
     if args.json:

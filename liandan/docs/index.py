@@ -229,7 +229,12 @@ def cache_dir_for(source: Path) -> Path:
 
 def build_index(source: Path, out: Path, overwrite: bool = False, log=print) -> DocsIndex:
     """`liandan docs index DIR --out INDEX`: (re)build, refusing to replace an index of other files."""
+    from liandan.atomic import check_creatable
+
     source, out = Path(source), Path(out)
+    if not source.exists():  # also a symlink loop, which resolve() would raise as a RuntimeError
+        raise LiandanError(f"{source}: no such file or directory")
+    check_creatable(out, "--out")
     if out.exists() and not out.is_dir():
         raise LiandanError(f"--out {out}: a file, not a folder; choose an empty or new folder")
     if out.exists() and any(out.iterdir()):

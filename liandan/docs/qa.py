@@ -30,6 +30,8 @@ def read_questions(path: Path) -> list[QA]:
     from liandan.data.formats import read_jsonl
 
     path = Path(path)
+    if path.is_dir():
+        raise LiandanError(f"{path}: a folder; give the questions file (JSONL, e.g. {path / 'test.jsonl'})")
     if not path.is_file():
         raise LiandanError(f"{path}: no such file")
     data = read_jsonl(path)

@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
             raise LiandanError("--check measures a whole model; for an adapter, `liandan fuse` it and check the fused model")
         if args.adapter_path:
             check_output(args.outfile, "--outfile", {"--adapter-path": Path(args.adapter_path)}, args.overwrite)
-            export_lora_gguf(Path(args.adapter_path), Path(args.outfile), args.outtype)
+            export_lora_gguf(Path(args.adapter_path), Path(args.outfile), args.outtype, base=args.model)
             return 0
         model_dir = resolve_model(args.model)
         check_output(args.outfile, "--outfile", _model_inputs(args.model, model_dir), args.overwrite)
@@ -73,14 +73,13 @@ def main(args: argparse.Namespace) -> int:
 
             check(model_dir, Path(args.outfile), args.outtype, args.data)
         return 0
-    from liandan.export.ollama import export_ollama
+    from liandan.export.ollama import check_ollama_name, export_ollama, file_stem
 
-    if not args.name.replace("-", "").replace("_", "").replace(".", "").replace(":", "").isalnum():
-        raise LiandanError(f"--name {args.name!r}: use letters, digits, '-', '_', '.' and ':' only")
-    model_dir, out = resolve_model(args.model), Path(args.out or f"{args.name}-ollama")
+    check_ollama_name(args.name)
+    model_dir, out = resolve_model(args.model), Path(args.out or f"{file_stem(args.name)}-ollama")
     reads = _model_inputs(args.model, model_dir)
     check_output(out, "--out", reads, overwrite=True, directory=True)
-    for name in (f"{args.name}.gguf", "Modelfile"):
+    for name in (f"{file_stem(args.name)}.gguf", "Modelfile"):
         check_output(out / name, "--out", reads, args.overwrite)
     export_ollama(model_dir, args.name, out, args.system, args.outtype, chat_template=args.chat_template)
     return 0

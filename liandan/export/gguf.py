@@ -398,8 +398,9 @@ def _write_vocab(writer, vocab: Vocab, model_dir: Path, chat_template: str | Non
     special.add_to_gguf(writer)
 
 
-def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log=print) -> Path:
-    """The LoRA adapter alone, as a GGUF LoRA adapter for llama.cpp's --lora and Ollama's ADAPTER."""
+def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log=print, base: str | None = None) -> Path:
+    """The LoRA adapter alone, as a GGUF LoRA adapter for llama.cpp's --lora and Ollama's ADAPTER. `base`: the
+    base model whose architecture it records (default: the one the adapter was trained on)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -418,7 +419,7 @@ def export_lora_gguf(adapter_dir: Path, outfile: Path, outtype: str = "f32", log
     adapter_config = json.loads((adapter_dir / PEFT_CONFIG).read_text(encoding="utf-8"))
     if adapter_config.get("use_dora"):
         raise LiandanError(f"{adapter_dir}: llama.cpp cannot apply DoRA adapters; use `liandan fuse --export-gguf`")
-    config = read_config(resolve_model(record.get("base_model") or adapter_config.get("base_model_name_or_path")))
+    config = read_config(resolve_model(base or record.get("base_model") or adapter_config.get("base_model_name_or_path")))
     target = target_of(config)
     state = load_file(str(adapter_dir / PEFT_WEIGHTS))
     with gguf_writer(outfile, target) as writer:

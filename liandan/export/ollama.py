@@ -90,6 +90,18 @@ def describe(wrappers: Wrappers) -> str:
     return f"{system}; generation prompt {wrappers.generation!r}, history answers after {wrappers.reply_open!r}"
 
 
+def check_ollama_name(name: str) -> None:
+    """Ollama's model names: name[:tag], of ASCII letters, digits, '-', '_' and '.', starting with a letter or digit."""
+    if not (name.isascii() and name[:1].isalnum() and name.replace("-", "").replace("_", "").replace(".", "").replace(":", "", 1).isalnum()):
+        raise LiandanError(f"--name {name!r}: use name or name:tag, of ASCII letters, digits, '-', '_' and '.', starting "
+                           "with a letter or digit")
+
+
+def file_stem(name: str) -> str:
+    """The model's files are named after it, but ':' (before a tag) is not allowed in Windows file names."""
+    return name.replace(":", "-")
+
+
 def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None = None, outtype: str = "q8_0",
                   log=print, chat_template: str | None = None) -> Path:
     from transformers import AutoTokenizer
@@ -109,7 +121,7 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
     if system and wrappers.system == "none":
         raise LiandanError("--system: this chat template has no system role (it refuses system messages)")
     stops = list(dict.fromkeys(rendering.stop_tokens + ([tokenizer.eos_token] if tokenizer.eos_token else [])))
-    gguf_name = f"{name}.gguf"
+    gguf_name = f"{file_stem(name)}.gguf"
     num_ctx = min(int(read_config(model_dir).get("max_position_embeddings", LLAMA_DEFAULT_CTX)), LLAMA_DEFAULT_CTX)
     text = modelfile(gguf_name, wrappers, system, stops, num_ctx)  # first: its errors must not cost an export
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,10 @@ def import_gradio():
 
 def main(args: argparse.Namespace) -> int:
     import_gradio()
-    from liandan.serve import LOCAL_HOSTS, check_port_free
+    from liandan.serve import LOCAL_HOSTS, check_api_key, check_port_free
     from liandan.studio.app import CSS, build
 
+    check_api_key(args.api_key)  # `--api-key "$KEY"` with KEY unset must not turn the password off
     check_port_free(args.host, args.port)  # Gradio would stop with "Cannot find empty port", a traceback
     workspace = Path(args.workspace)
     workspace.mkdir(parents=True, exist_ok=True)
