@@ -95,6 +95,8 @@ def test_one_prompt_for_all_examples_goes_to_train_with_a_note(tmp_path):
      "is an object, not text"),
     ("in.jsonl", '{"q": "x", "a": ["y"]}\n', ["--prompt", "{q}", "--completion", "A: {a}"], "in.jsonl:1: field 'a' "
      "(for --completion) is a list"),
+    ("in.jsonl", '{"prompt": "q", "completion": "a"}\n', ["--system", "{prompt}"],  # silently ignored before
+     "--system does not apply to --format completions (it takes --prompt, --completion)"),
 ])
 def test_prepare_refuses_bad_rows_and_templates_in_one_line(tmp_path, name, content, args, expected):
     (tmp_path / name).write_text(content)

@@ -149,7 +149,19 @@ def _as_text(value, name: str, what: str, where: str) -> str:
     return str(value)
 
 
-OUTPUT_FORMATS = ("completions", "chat", "text")  # what convert writes; the first is the default
+# The formats convert writes (the first is the default) and the field options each uses: any other given
+# would be ignored without a word.
+FIELDS_OF = {"completions": ("prompt", "completion"), "chat": ("prompt", "completion", "system"), "text": ("text",)}
+
+
+def check_fields_for(fmt: str, fields: dict) -> None:
+    unused = [name for name, value in fields.items() if value and name not in FIELDS_OF[fmt]]
+    if unused:
+        raise LiandanError(f"--{unused[0]} does not apply to --format {fmt} (it takes "
+                           f"{', '.join('--' + n for n in FIELDS_OF[fmt])})")
+
+
+OUTPUT_FORMATS = tuple(FIELDS_OF)
 SPLIT_RATIOS = {"valid": 0.1, "test": 0.1}  # default shares of the examples held out
 
 
@@ -241,6 +253,7 @@ def write_rows(path: Path, records: list[dict]) -> None:
 
 def prepare(inputs: list[Path], out: Path, fmt: str, valid_ratio: float, test_ratio: float, seed: int,
             log=print, overwrite: bool = False, **fields) -> dict[str, int]:
+    check_fields_for(fmt, fields)
     reads = [("the input", Path(path)) for path in inputs]
     for name in SPLITS:  # checked before any work: an existing split is replaced only with --overwrite
         check_output(out / f"{name}.jsonl", "--out", reads, overwrite)
