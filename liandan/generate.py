@@ -154,6 +154,7 @@ class Pipeline:
     record: dict
     model_dir: Path | None = None
     adapter_path: Path | None = None
+    gguf_file: Path | None = None  # the user's own .gguf when --model named one: llama.cpp runs it as it is
 
 
 def load_pipeline(model_spec: str | None, adapter_path: str | None, system_prompt: str | None = None,
@@ -181,8 +182,10 @@ def load_pipeline(model_spec: str | None, adapter_path: str | None, system_promp
     rendering = rendering_of(record, tokenizer, system_prompt, chat_template)
     encoder = Encoder(tokenizer, rendering)
     stops = stop_token_ids(tokenizer, eos_source, rendering, extra_eos)
+    given = Path(model_spec).expanduser() if model_spec else None
     return Pipeline(model, tokenizer, encoder, stops, device, record, model_dir,
-                    Path(adapter_path) if adapter_path else None)
+                    Path(adapter_path) if adapter_path else None,
+                    given if given and given.suffix.lower() == ".gguf" and given.is_file() else None)
 
 
 def _generation_config_holder(model_dir: Path):
@@ -241,7 +244,8 @@ def add_inference_args(parser: argparse.ArgumentParser, max_tokens: int) -> argp
                         help=f"torch (default) or llama.cpp (needs `{LLAMA_INSTALL}`; the GGUFs "
                              "are converted once and cached)")
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=DEFAULT_GGUF_TYPE,
-                        help=f"With --engine llama.cpp: the base model's GGUF tensor type (default {DEFAULT_GGUF_TYPE})")
+                        help=f"With --engine llama.cpp: the tensor type a model directory is converted to (default "
+                             f"{DEFAULT_GGUF_TYPE}); a .gguf file given as --model runs as it is")
     parser.add_argument("--ctx-size", type=int, default=None,
                         help="Context window in tokens, prompt and answer (default: the model's; with --engine "
                              f"llama.cpp at most {LLAMA_DEFAULT_CTX}, as its KV cache is allocated up front for every slot)")

@@ -96,6 +96,29 @@ def test_gguf_cache_key_follows_adapter_content_and_rebuilds_corrupt_files(tiny_
     assert content_hash(adapter) not in lora.name
 
 
+def test_a_gguf_given_as_model_runs_as_it_is(tiny_llama, lora_adapter, tmp_path, monkeypatch):
+    """A q4_k_m (here q8_0) file of the user's is what llama.cpp runs: not dequantized and requantized."""
+    _llama_cpp()
+    from liandan.engines import load_engine
+    from liandan.engines.gguf_cache import engine_ggufs
+    from liandan.export.gguf import export_gguf
+
+    monkeypatch.setenv("LIANDAN_CACHE", str(tmp_path / "cache"))
+    own = tmp_path / "mine-q8_0.gguf"
+    export_gguf(tiny_llama, own, "q8_0", log=lambda *_: None)
+    before = own.stat().st_mtime_ns
+    for adapter in (None, str(lora_adapter)):
+        llama = load_engine("llama.cpp", str(own), adapter, gguf_type="f32")
+        try:
+            base, lora = engine_ggufs(llama.pipe, "f32")
+            assert base == own and (lora is None) == (adapter is None)
+            assert _greedy(llama, PROMPTS[0])[0]  # it answers
+        finally:
+            llama.close()
+    assert own.stat().st_mtime_ns == before
+    assert not list((tmp_path / "cache" / "gguf").glob("mine*"))  # no converted copy of the file
+
+
 def test_generate_and_chat_cli_with_llama_cpp(lora_adapter):
     _llama_cpp()
     runs = [liandan("generate", "--engine", engine, "--gguf-type", "f32", "--adapter-path", lora_adapter, "-m", "12",

@@ -3,7 +3,9 @@
 * a LoRA adapter: the base model's GGUF (shared by every adapter of that base) + the adapter's
   LoRA GGUF, keyed by the adapter's content hash, so retraining into the same directory converts anew;
 * a DoRA or full fine-tune (llama.cpp has no adapter format for them): fused once, then one GGUF;
-* no adapter (a base or fused model directory): that directory's GGUF.
+* no adapter (a base or fused model directory): that directory's GGUF;
+* a .gguf file given as --model (with no adapter, or a LoRA one): that file itself, never converted: a
+  q4_k_m file converted would be requantized to --gguf-type, slower and answering differently.
 
 Files are written atomically; a cached file that no longer parses is rebuilt, not crashed on.
 """
@@ -30,8 +32,9 @@ def engine_ggufs(pipe, outtype: str, rebuild: bool = False) -> tuple[Path, Path 
         return cached(root / f"fused-{adapter.name}-{key}-{outtype}.gguf",
                       lambda out: export_gguf(fused, out, outtype, log=_note), rebuild), None
     model_dir = pipe.model_dir
-    base = cached(root / f"{model_dir.name}-{_dir_key(model_dir)}-{outtype}.gguf",
-                  lambda out: export_gguf(model_dir, out, outtype, name=model_dir.name, log=_note), rebuild)
+    base = pipe.gguf_file or cached(root / f"{model_dir.name}-{_dir_key(model_dir)}-{outtype}.gguf",
+                                    lambda out: export_gguf(model_dir, out, outtype, name=model_dir.name, log=_note),
+                                    rebuild)
     if adapter is None:
         return base, None
     lora = cached(root / f"lora-{adapter.name}-{content_hash(adapter)}.gguf",

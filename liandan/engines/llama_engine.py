@@ -34,6 +34,9 @@ class LlamaEngine(Engine):
         try:
             self._load(rebuild=False)
         except ValueError:  # a cached file that parses but llama.cpp refuses: convert it again, once
+            if pipe.gguf_file is not None and pipe.adapter_path is None:  # the user's own file: nothing to rebuild
+                raise LiandanError(f"llama.cpp cannot load {pipe.gguf_file} (a GGUF version or architecture this "
+                                   "llama.cpp does not know?); try --engine torch") from None
             self._load(rebuild=True)
         threads = max(1, cpu_count() // slots)
         self.free: queue.LifoQueue = queue.LifoQueue()  # last used first: its KV cache is the warmest
