@@ -333,6 +333,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tokens / max(result.prompt_seconds, 1e-9):.3f} tokens-per-sec")
     print(f"Generation: {n} tokens, {n / max(result.generation_seconds, 1e-9):.3f} tokens-per-sec")
     print(f"Peak memory: {peak_memory_gb():.3f} GB")
+    if not result.stopped and len(result.tokens) < args.max_tokens and len(ids) + len(result.tokens) >= engine.context:
+        print(f"Note: the answer was cut at the end of the context ({engine.context} tokens, prompt included), "
+              f"before -m {args.max_tokens}; see --ctx-size", file=sys.stderr)
     if sources is not None:
         from liandan.docs.prompt import describe_sources
 

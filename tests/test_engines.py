@@ -229,6 +229,9 @@ def test_both_engines_keep_to_the_context_and_refuse_undecodable_prompts(tiny_ll
     assert given_up.prompt_seconds == 0  # a request that gives up once its slot is free is not even prefilled
     long_prompt = liandan("generate", "--model", tiny_llama, "--ctx-size", "16", "-m", "30", "-p", "word " * 40)
     assert long_prompt.returncode == 2 and "the context is 16" in long_prompt.stderr, long_prompt.stderr
+    cut = liandan("generate", "--model", tiny_llama, "--ctx-size", "40", "-m", "100", "-p", "hello there")
+    assert cut.returncode == 0 and "Prompt: 32 tokens" in cut.stdout and "Generation: 8 tokens" in cut.stdout
+    assert "Note: the answer was cut at the end of the context (40 tokens, prompt included), before -m 100" in cut.stderr
     piped = subprocess.run([sys.executable, "-m", "liandan", "generate", "--model", str(tiny_llama), "-p", "-"],
                            input=b"hi \xff\xfe there", capture_output=True, timeout=300)
     assert piped.returncode == 2 and b"stdin: the prompt is not UTF-8 text (at position 3)" in piped.stderr
