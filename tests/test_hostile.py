@@ -195,6 +195,8 @@ def test_misused_commands_say_what_to_do_in_one_line(tmp_path, tiny_llama):
         (["export", "ollama", "--model", adapter, "--name", "m"], "is an adapter, not a model; give it as --adapter-path"),
         (["data", "check", tmp_path / "t.csv"], "data check reads JSONL, as training does; convert this table first"),
         (["eval", tmp_path, "--model", tiny_llama], "a folder; give the questions file"),
+        (["export", "gguf", "--model", tiny_llama, "--outfile", tmp_path / "y.gguf", "--data", tmp_path],
+         "--data is the validation data of --check; add --check"),
     ]
     for argv, expected in cases:
         one_line_error(liandan(*argv), expected)

@@ -40,6 +40,8 @@ def main(args: argparse.Namespace) -> int:
     from liandan.models import resolve_model
 
     args.outtype = usable_outtype(args.outtype)
+    if getattr(args, "data", None) and not args.check:  # else the user waits for a measurement never made
+        raise LiandanError("--data is the validation data of --check; add --check")
     if getattr(args, "check", False):
         require_llama_cpp("--check")
     if args.target == "gguf":
