@@ -136,7 +136,8 @@ def removed_if_failed(directory: str | os.PathLike):
     """Remove the directories a failed run created on the way to `directory`, if they are still empty.
 
     Only directories that did not exist before and hold no file are removed (os.rmdir refuses the
-    others), so checkpoints a failed run did save, and anything the user put there, stay.
+    others), so checkpoints a failed run did save, and anything the user put there, stay. A directory holding
+    only empty files goes too: a log opened before the failure (metrics.jsonl) with nothing in it.
     """
     directory = Path(os.path.abspath(directory))
     created = directory
@@ -147,8 +148,12 @@ def removed_if_failed(directory: str | os.PathLike):
         yield
     except BaseException:
         if not existed and created.is_dir():
-            for root, _, _ in sorted(os.walk(created), key=lambda walked: -len(walked[0])):
+            for root, _, files in sorted(os.walk(created), key=lambda walked: -len(walked[0])):
                 try:
+                    paths = [Path(root) / name for name in files]
+                    if all(os.path.getsize(path) == 0 for path in paths):  # else it holds what the run saved
+                        for path in paths:
+                            os.unlink(path)
                     os.rmdir(root)
                 except OSError:
                     pass

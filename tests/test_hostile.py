@@ -120,6 +120,12 @@ def test_failed_run_removes_only_the_empty_directories_it_created(tmp_path):
             (tmp_path / "new" / "adapters" / "checkpoints" / "saved").write_text("a checkpoint")
             raise RuntimeError
     assert (tmp_path / "new" / "adapters" / "checkpoints" / "saved").is_file()
+    with pytest.raises(RuntimeError):  # a log opened before the failure, nothing in it
+        with removed_if_failed(tmp_path / "other" / "adapters"):
+            (tmp_path / "other" / "adapters").mkdir(parents=True)
+            (tmp_path / "other" / "adapters" / "metrics.jsonl").touch()
+            raise RuntimeError
+    assert not (tmp_path / "other").exists()
 
 
 def test_ten_thousand_turn_chat_is_checked(tmp_path, tiny_llama):
