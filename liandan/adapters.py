@@ -138,7 +138,7 @@ def holds_adapter(directory: Path) -> bool:
 def base_model_of(adapter_dir: Path, record: dict, given: str | None = None) -> str | None:
     """--model when given, else the base model the adapter's record names. A recorded folder that has moved
     is one line naming the record and the fix, not a bare "model not found"."""
-    if given is not None:
+    if given:  # an empty --model "$BASE" (BASE unset) is not given
         return given
     base = record.get("base_model")
     if base and os.path.isabs(base) and not os.path.exists(base):
@@ -182,7 +182,7 @@ def load_adapter(model, directory: Path, record: dict):
         said = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         base = record.get("base_model")
         raise LiandanError(f"cannot apply the adapter in {directory} to this model: {' '.join(said[:2])[:300]}"
-                           + (f"; it was trained on {base} (leave out --model to use it)" if base else "")) from exc
+                           + (f"; it was trained on {base}" if base else "")) from exc
     model.eval()
     return model
 

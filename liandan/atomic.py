@@ -88,14 +88,17 @@ def _carry_over(old: Path, new: Path, keep) -> None:
 
 
 def check_creatable(target: Path, flag: str) -> None:
-    """Before any work: the folders on the way to `target` are folders (or can be made) in one that takes writes."""
-    parent = Path(os.path.abspath(target)).parent
-    while not os.path.lexists(parent):
-        parent = parent.parent
-    if not parent.is_dir():
-        raise LiandanError(f"{flag} {target}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LiandanError(f"{flag} {target}: cannot write in {parent} (permission denied)")
+    """Before any work: the folders on the way to `target` are folders (or can be made) in one that takes writes.
+    An existing folder is written into, so it is the one that must take writes (export ollama --out .)."""
+    folder = Path(os.path.abspath(target))
+    if not folder.is_dir():
+        folder = folder.parent
+        while not os.path.lexists(folder):
+            folder = folder.parent
+    if not folder.is_dir():
+        raise LiandanError(f"{flag} {target}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LiandanError(f"{flag} {target}: cannot write in {folder} (permission denied)")
 
 
 def check_output(target: str | os.PathLike, flag: str, reads, overwrite: bool, directory: bool = False) -> None:

@@ -4,6 +4,7 @@ line and an exit code (errors.py). No command logic here."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -79,11 +80,14 @@ def run(func, args) -> int:
         print("liandan: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        if exc.filename is None:
+        if exc.filename is None and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             return _internal_error(exc)
-        # A path the system refused (permissions, a file where a folder should be, a full disk): the user's to
+        # A path the system refused (permissions, a file where a folder should be) or a full disk: the user's to
         # fix, so one line; the traceback still goes to the log in case a check of liandan's should have caught it.
-        print(f"liandan: error: {exc.filename}: {exc.strerror or exc} (details in {_log_traceback()})", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"liandan: error: {where}{exc.strerror or exc} (details in {_log_traceback()})", file=sys.stderr)
+        if os.environ.get("LIANDAN_DEBUG") == "1":
+            traceback.print_exc()
         return EXIT_INPUT
     except Exception as exc:  # the top-level guard: anything else is a bug in liandan
         return _internal_error(exc)

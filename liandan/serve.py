@@ -568,8 +568,8 @@ def check_api_key(key: str | None) -> None:
         raise LiandanError("--api-key is empty (an unset variable?): give the key, or leave --api-key out to serve "
                            "without authentication")
     if key is not None and key != key.strip():
-        raise LiandanError("--api-key starts or ends with a blank, which HTTP strips from the header: no client "
-                           "could send it")
+        raise LiandanError("--api-key starts or ends with a blank, which HTTP strips from a header (and a typed "
+                           "password hides): remove it")
 
 
 def check_port_free(host: str, port: int) -> None:

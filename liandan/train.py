@@ -519,7 +519,7 @@ def _checkpoint(model, parts: _Parts, job: TrainJob, state: TrainState, reporter
         if not job.resume and not state.saved:
             _remove_other_checkpoints(adapter_dir, checkpoint)
         if job.cfg.keep_checkpoints:
-            _remove_older_checkpoints(adapter_dir, job.cfg.keep_checkpoints)
+            _remove_older_checkpoints(adapter_dir, job.cfg.keep_checkpoints, it)
         reporter.say(f"Iter {it}: Saved adapter weights to {adapter_dir} and {checkpoint}.")
     state.saved = True
     job.dist.barrier()
@@ -535,10 +535,12 @@ def _remove_other_checkpoints(adapter_dir: Path, keep: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_older_checkpoints(adapter_dir: Path, keep: int) -> None:
+def _remove_older_checkpoints(adapter_dir: Path, keep: int, iteration: int) -> None:
     """--keep-checkpoints N: a full fine-tune's checkpoint holds the weights and twice as much optimizer state,
     so a long run would fill the disk. Only complete checkpoints count: the newest N can always resume."""
-    for old in complete_checkpoints(adapter_dir)[:-keep]:
+    # Counted up to this iteration: after --resume of an older checkpoint, later ones of the abandoned run must not
+    # push out the one just saved.
+    for old in [p for p in complete_checkpoints(adapter_dir) if int(p.name) <= iteration][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 

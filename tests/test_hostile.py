@@ -159,14 +159,24 @@ def test_a_path_the_system_refuses_is_one_line_exit_2(tmp_path, monkeypatch, cap
     assert stderr.startswith("liandan: error: /srv/models/out: Permission denied (details in ") and len(stderr.splitlines()) == 1
 
 
+def test_a_full_disk_is_one_line_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LIANDAN_CACHE", str(tmp_path / "cache"))
+
+    def full(args):
+        raise OSError(__import__("errno").ENOSPC, "No space left on device")  # write() names no file
+
+    assert run(full, None) == 2
+    assert capsys.readouterr().err.startswith("liandan: error: No space left on device (details in ")
+
+
 def test_an_output_under_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("mine")
     (tmp_path / "t.csv").write_text("prompt,completion\nq,a\n")
     for out in ("afile", "afile/sub"):
         one_line_error(liandan("data", "prepare", tmp_path / "t.csv", "--out", tmp_path / out),
-                       f"{tmp_path / 'afile'} is a file, not a folder")
+                       f"{tmp_path / 'afile'} is not a folder")
         one_line_error(liandan("docs", "index", tmp_path, "--out", tmp_path / "afile" / "sub"),
-                       f"{tmp_path / 'afile'} is a file, not a folder")
+                       f"{tmp_path / 'afile'} is not a folder")
     assert (tmp_path / "afile").read_text() == "mine"
 
 
@@ -193,6 +203,8 @@ def test_misused_commands_say_what_to_do_in_one_line(tmp_path, tiny_llama):
         (["fuse", "--adapter-path", adapter, "--gguf-path", tmp_path / "x.gguf"], "--gguf-path applies to the GGUF"),
         (["data", "from-docs", docs, "--out", tmp_path / "o1", "--chunk-tokens", "2"], "--chunk-tokens must be at least 16"),
         (["data", "from-docs", docs, "--out", tmp_path / "o2", "--overlap", "-3"], "--overlap -3 must be 0 or more"),
+        (["data", "from-docs", docs, "--out", tmp_path / "o3", "--chunk-tokens", "0", "--model", tmp_path / "none"],
+         "--chunk-tokens must be at least 16"),  # before the tokenizer (here: no model) loads
         (["docs", "search", docs, "-q", "product", "--top-k", "0"], "--top-k must be at least 1, got 0"),
         (["docs", "index", tmp_path / "loop", "--out", tmp_path / "ix"], "loop: no such file or directory"),
         (["generate", "--adapter-path", moved, "-p", "hi"], f"names the base model {tmp_path / 'gone'}, which is not "

@@ -105,10 +105,10 @@ def test_prepare_refuses_bad_rows_and_templates_in_one_line(tmp_path, name, cont
 
 
 def test_rows_with_nothing_to_learn_are_counted_with_their_lines(tmp_path):
-    (tmp_path / "in.csv").write_text('prompt,completion\nq1,"multi\nline"\nq2,\n,a3\nq4,42\n')
+    (tmp_path / "in.csv").write_text('prompt,completion\nq1,"multi\nline"\nq2,\n\n,a3\nq4,42\n')  # a blank line too
     said = []
     prepare([tmp_path / "in.csv"], tmp_path / "out", "completions", 0, 0, 0, log=said.append)
-    assert f"Note: {tmp_path / 'in.csv'}: 2 row(s) with an empty prompt or completion skipped (lines 4, 5)" in said
+    assert f"Note: {tmp_path / 'in.csv'}: 2 row(s) with an empty prompt or completion skipped (lines 4, 6)" in said
     assert [e.messages[1]["content"] for e in read_jsonl(tmp_path / "out" / "train.jsonl").examples] == ["multi\nline", "42"]
 
 

@@ -64,6 +64,16 @@ def test_bad_table_upload_reports_file_and_line_and_writes_nothing(tmp_path):
     shutil.rmtree(staging)
 
 
+def test_prepare_on_the_page_uses_the_boxes_of_the_chosen_format(tmp_path):
+    """The page shows every field box: a prompt typed before switching to "text" is not an error there."""
+    from liandan.studio import data
+
+    write_jsonl(tmp_path / "raw.jsonl", [{"body": f"Document {i}.", "q": f"q{i}"} for i in range(5)])
+    said = data.prepare_tables([tmp_path / "raw.jsonl"], tmp_path / "out", "text", 0, 0, 0, prompt="q", completion="  ",
+                               text="body")
+    assert "train.jsonl 5" in said
+
+
 def test_an_upload_never_replaces_a_data_folder(tmp_path):
     from liandan.studio import data
 

@@ -58,6 +58,10 @@ def test_keep_checkpoints_keeps_the_newest_complete_ones(tmp_path, tiny_llama):
     (adapters / "checkpoints" / "0000007").mkdir()  # cut short (no trainer state): does not count, is not resumed
     run_lora(**options(tmp_path, tiny_llama, iters=7, resume="latest", keep_checkpoints=1))
     assert checkpoints(adapters) == ["0000007"]
+    run_lora(**options(tmp_path, tiny_llama, iters=4, overwrite=True))
+    assert checkpoints(adapters) == ["0000001", "0000002", "0000003", "0000004"]
+    run_lora(**options(tmp_path, tiny_llama, iters=3, resume=str(adapters / "checkpoints" / "0000002"), keep_checkpoints=1))
+    assert "0000003" in checkpoints(adapters)  # the abandoned run's 0000004 does not push out the one just saved
 
 
 def test_a_template_error_names_the_file_and_line(tmp_path, tiny_llama):

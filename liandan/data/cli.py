@@ -165,10 +165,11 @@ def main(args: argparse.Namespace) -> int:
         write_retrieval_data(Path(args.source), Path(args.questions), Path(args.out), args.top_k, args.seed,
                              overwrite=args.overwrite)
         return 0
-    from liandan.data.docs import from_docs
+    from liandan.data.docs import check_chunking, from_docs
 
     chunk_tokens = CHUNK_TOKENS if args.chunk_tokens is None else args.chunk_tokens
     overlap = OVERLAP_TOKENS if args.overlap is None else args.overlap
+    check_chunking(chunk_tokens, overlap)  # before the tokenizer loads (a first use converts the embedded model)
     from_docs(Path(args.source), Path(args.out), _tokenizer(args.model), chunk_tokens, overlap,
               overwrite=args.overwrite)
     return 0

@@ -230,6 +230,14 @@ def readable_documents(source: Path, files: list[Path], log=print) -> list[tuple
     return texts
 
 
+def check_chunking(chunk_tokens: int, overlap: int) -> None:
+    """--chunk-tokens and --overlap, checked before a tokenizer loads."""
+    if chunk_tokens < MIN_CHUNK_TOKENS:
+        raise LiandanError(f"--chunk-tokens must be at least {MIN_CHUNK_TOKENS}, got {chunk_tokens}")
+    if not 0 <= overlap < chunk_tokens:
+        raise LiandanError(f"--overlap {overlap} must be 0 or more and smaller than --chunk-tokens {chunk_tokens}")
+
+
 def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: int, log=print,
               overwrite: bool = False) -> int:
     from liandan.atomic import check_output
@@ -238,10 +246,7 @@ def from_docs(source: Path, out: Path, tokenizer, chunk_tokens: int, overlap: in
 
     source = Path(source)
     files = document_files(source)
-    if chunk_tokens < MIN_CHUNK_TOKENS:
-        raise LiandanError(f"--chunk-tokens must be at least {MIN_CHUNK_TOKENS}, got {chunk_tokens}")
-    if not 0 <= overlap < chunk_tokens:
-        raise LiandanError(f"--overlap {overlap} must be 0 or more and smaller than --chunk-tokens {chunk_tokens}")
+    check_chunking(chunk_tokens, overlap)
     check_output(out / "train.jsonl", "--out", [("the documents", source)], overwrite)
 
     def count(text: str) -> int:

@@ -67,11 +67,14 @@ def _csv_rows(path: Path):
     """(line where the row starts, row). strict: a quote that never closes would otherwise swallow every row
     after it into one field, and the file would convert "successfully" with those rows gone."""
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, strict=True)
-        start = 2  # line 1 is the header
+        reader = csv.reader(f, strict=True)  # not DictReader: it skips blank lines, and the line numbers with them
+        start = 1
         try:
-            for row in reader:
-                yield start, row
+            header = next(reader, [])
+            start = reader.line_num + 1
+            for values in reader:
+                if values:
+                    yield start, _row_of(header, values)
                 start = reader.line_num + 1
         except UnicodeDecodeError:
             raise LiandanError(f"{path}: not valid UTF-8; save the file as UTF-8") from None
@@ -79,6 +82,15 @@ def _csv_rows(path: Path):
             what = ("a quoted field starts here and never closes (a stray \" ?)" if "end of data" in str(exc)
                     else f"invalid CSV: {exc}")
             raise LiandanError(f"{path}:{start}: {what}") from None
+
+
+def _row_of(header: list[str], values: list[str]) -> dict:
+    """As csv.DictReader makes it: missing values are None, values beyond the header's columns go under None."""
+    row = dict(zip(header, values))
+    row.update({name: None for name in header[len(values):]})
+    if len(values) > len(header):
+        row[None] = values[len(header):]
+    return row
 
 
 def _parquet_rows(path: Path) -> list:

@@ -34,10 +34,11 @@ class LlamaEngine(Engine):
         try:
             self._load(rebuild=False)
         except ValueError:  # a cached file that parses but llama.cpp refuses: convert it again, once
-            if pipe.gguf_file is not None and pipe.adapter_path is None:  # the user's own file: nothing to rebuild
-                raise LiandanError(f"llama.cpp cannot load {pipe.gguf_file} (a GGUF version or architecture this "
-                                   "llama.cpp does not know?); try --engine torch") from None
-            self._load(rebuild=True)
+            try:
+                self._load(rebuild=True)
+            except ValueError:  # the user's own .gguf (never rebuilt), or a conversion llama.cpp cannot read
+                raise LiandanError(f"llama.cpp cannot load {pipe.gguf_file or 'the converted GGUF'} (a GGUF version "
+                                   "or architecture this llama.cpp does not know?); try --engine torch") from None
         threads = max(1, cpu_count() // slots)
         self.free: queue.LifoQueue = queue.LifoQueue()  # last used first: its KV cache is the warmest
         self.made = 0  # slots created: close() frees them all, once every one is back in `free`
@@ -70,8 +71,9 @@ class LlamaEngine(Engine):
                 self.model.close()
                 raise ValueError(f"llama.cpp cannot load the LoRA GGUF {lora_path}")
         if self.model.n_vocab() < len(self.pipe.tokenizer):
+            fix = "check that it is the model you meant" if self.pipe.gguf_file else "delete the file to convert it again"
             raise LiandanError(f"{model_path}: {self.model.n_vocab()} tokens in the GGUF, "
-                               f"{len(self.pipe.tokenizer)} in the tokenizer; delete the file to convert it again")
+                               f"{len(self.pipe.tokenizer)} in the tokenizer; {fix}")
 
     def stream(self, prompt_ids, max_tokens, sampling: Sampling, result=None, give_up=None):
         import torch

@@ -113,20 +113,23 @@ def save_split_dir(staging: Path, out: Path) -> Path:
 def prepare_tables(inputs: list[Path], out: Path, fmt: str, valid_ratio: float, test_ratio: float, seed: int,
                    **fields) -> str:
     """`liandan data prepare`; returns what it printed."""
-    from liandan.data.prepare import prepare
+    from liandan.data.prepare import FIELDS_OF, prepare
 
     said = []
-    fields = {k: (v or None) for k, v in fields.items()}
+    # The page shows every field box whatever the format: the ones this format does not use are not the user's
+    # mistake, as a flag given to the CLI would be.
+    fields = {k: (v.strip() if v else None) or None for k, v in fields.items() if k in FIELDS_OF[fmt]}
     prepare([Path(p) for p in inputs], Path(out), fmt, valid_ratio, test_ratio, seed, log=said.append, **fields)
     return "\n".join(said)
 
 
 def docs_to_data(source: Path, out: Path, model: str | None, chunk_tokens: int, overlap: int) -> str:
     """`liandan data from-docs`; returns what it printed."""
-    from liandan.data.docs import from_docs
+    from liandan.data.docs import check_chunking, from_docs
 
     if not Path(source).exists():
         raise LiandanError(f"{source}: no such file or directory")
+    check_chunking(chunk_tokens, overlap)
     said = []
     from_docs(Path(source), Path(out), tokenizer_for(model), chunk_tokens, overlap, log=said.append)
     return "\n".join(said)
