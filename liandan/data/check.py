@@ -106,12 +106,11 @@ class MinHasher:
 
 
 def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames, max_line_bytes: int = MAX_LINE_BYTES,
-               keep_questions: bool = False, on_question=None) -> tuple[FileReport, list]:
-    """Scan one file; returns its report and, with keep_questions, its (line, question) pairs for the leakage
-    check. on_question(line, question) is called for each example as it is read."""
+               on_question=None) -> FileReport:
+    """Scan one file into its report; on_question(line, question) is called for each example as it is read (the
+    leakage check's input)."""
     report = FileReport(path)
     seen: dict[bytes, int] = {}
-    questions = []
     if encoder is not None:
         encoder.hand_typed.counts.clear()
     try:
@@ -125,8 +124,6 @@ def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames, max_
                 _check_example(report, item, seen, encoder, max_seq_length)
             except LiandanError as exc:  # e.g. the chat template cannot render this example
                 _add_error(report, f"{path}:{item.line}: {exc}")
-            if keep_questions:
-                questions.append((item.line, question_of(item)))
             if on_question is not None:
                 on_question(item.line, question_of(item))
     except LiandanError as exc:  # the file cannot be read (any further): one error, the other files still checked
@@ -135,7 +132,7 @@ def check_file(path: Path, encoder, max_seq_length: int, names: FieldNames, max_
         report.hand_typed = Counter(encoder.hand_typed.counts)
     if report.examples == 0 and report.error_count == 0:
         _add_error(report, f"{path}: the file is empty")
-    return report, questions
+    return report
 
 
 def _add_error(report: FileReport, message: str) -> None:
@@ -251,7 +248,9 @@ def check(target: Path, encoder, max_seq_length: int, names: FieldNames, max_lin
     held_out = [p for p in files if p.stem in ("valid", "test")] if target.is_dir() else []
     reports, finders = {}, {}
     for path in held_out:  # read first: their questions are what train's are matched against
-        reports[path], questions = check_file(path, encoder, max_seq_length, names, max_line_bytes, keep_questions=True)
+        questions = []
+        reports[path] = check_file(path, encoder, max_seq_length, names, max_line_bytes,
+                                   on_question=lambda line, text: questions.append((line, text)))
         if questions:
             finders[path.stem] = LeakFinder(questions)
 
@@ -261,8 +260,8 @@ def check(target: Path, encoder, max_seq_length: int, names: FieldNames, max_lin
 
     for path in files:
         if path not in reports:
-            reports[path], _ = check_file(path, encoder, max_seq_length, names, max_line_bytes,
-                                          on_question=match_train_question if path.stem == "train" else None)
+            reports[path] = check_file(path, encoder, max_seq_length, names, max_line_bytes,
+                                       on_question=match_train_question if path.stem == "train" else None)
     trained = any(p.stem == "train" for p in files)
     leakage = {split: finder.leaks() for split, finder in finders.items() if trained}
     return {"files": [reports[p] for p in files], "leakage": leakage, "max_seq_length": max_seq_length,
