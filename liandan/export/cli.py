@@ -75,13 +75,13 @@ def main(args: argparse.Namespace) -> int:
 
             check(model_dir, Path(args.outfile), args.outtype, args.data)
         return 0
-    from liandan.export.ollama import check_ollama_name, export_ollama, file_stem
+    from liandan.export.ollama import check_ollama_name, default_folder, export_ollama, gguf_file_name
 
     check_ollama_name(args.name)
-    model_dir, out = resolve_model(args.model), Path(args.out or f"{file_stem(args.name)}-ollama")
+    model_dir, out = resolve_model(args.model), Path(args.out or default_folder(args.name))
     reads = _model_inputs(args.model, model_dir)
     check_output(out, "--out", reads, overwrite=True, directory=True)
-    for name in (f"{file_stem(args.name)}.gguf", "Modelfile"):
+    for name in (gguf_file_name(args.name), "Modelfile"):
         check_output(out / name, "--out", reads, args.overwrite)
     export_ollama(model_dir, args.name, out, args.system, args.outtype, chat_template=args.chat_template)
     return 0

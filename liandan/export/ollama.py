@@ -102,6 +102,15 @@ def file_stem(name: str) -> str:
     return name.replace(":", "-")
 
 
+def gguf_file_name(name: str) -> str:
+    return f"{file_stem(name)}.gguf"
+
+
+def default_folder(name: str) -> str:
+    """Where `export ollama` writes without --out (the studio too)."""
+    return f"{file_stem(name)}-ollama"
+
+
 def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None = None, outtype: str = "q8_0",
                   log=print, chat_template: str | None = None) -> Path:
     from transformers import AutoTokenizer
@@ -121,7 +130,7 @@ def export_ollama(model_dir: Path, name: str, out_dir: Path, system: str | None 
     if system and wrappers.system == "none":
         raise LiandanError("--system: this chat template has no system role (it refuses system messages)")
     stops = list(dict.fromkeys(rendering.stop_tokens + ([tokenizer.eos_token] if tokenizer.eos_token else [])))
-    gguf_name = f"{file_stem(name)}.gguf"
+    gguf_name = gguf_file_name(name)
     num_ctx = min(int(read_config(model_dir).get("max_position_embeddings", LLAMA_DEFAULT_CTX)), LLAMA_DEFAULT_CTX)
     text = modelfile(gguf_name, wrappers, system, stops, num_ctx)  # first: its errors must not cost an export
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -72,13 +72,13 @@ def export_gguf(ship_dir: Path, outtype: str) -> Path:
 def export_ollama(ship_dir: Path, name: str, outtype: str) -> tuple[Path, Path, str]:
     """`liandan export ollama`: (Modelfile, GGUF, the `ollama create` command to copy)."""
     from liandan.export.cli import main
-    from liandan.export.ollama import file_stem
+    from liandan.export.ollama import default_folder, gguf_file_name
 
-    out = Path(ship_dir) / f"{file_stem(name)}-ollama"
+    out = Path(ship_dir) / default_folder(name)
     main(_export_args("ollama", "--model", _fused(ship_dir), "--name", name, "--out", out, "--outtype", outtype,
                       "--overwrite"))
     modelfile = out / "Modelfile"
-    return modelfile, out / f"{file_stem(name)}.gguf", f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile.resolve()))}"
+    return modelfile, out / gguf_file_name(name), f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile.resolve()))}"
 
 
 def _export_args(*argv) -> argparse.Namespace:
