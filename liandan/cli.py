@@ -42,11 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    _printable_output()
     parser = build_parser()
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])
         return
     sys.exit(run(_dispatch, argv))
+
+
+def _printable_output() -> None:
+    """A terminal whose encoding lacks a character (an ASCII or Latin-1 locale) gets it as \\uXXXX, as Python's own
+    stderr does, instead of a UnicodeEncodeError ending a chat or losing a generated answer."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _dispatch(argv: list[str]) -> int:

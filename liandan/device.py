@@ -59,3 +59,27 @@ def peak_memory_gb(device=None) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+def accelerator_rng_state(device) -> dict:
+    """The random state of `device` (a torch.device) when it is a GPU, for a checkpoint: LoRA dropout above 0
+    draws from it there, so an exact resume needs it beside the CPU's. Empty on the CPU."""
+    import torch
+
+    kind = getattr(device, "type", device)
+    if kind == "cuda":
+        return {"cuda_rng": torch.cuda.get_rng_state(device)}
+    if kind == "mps":
+        return {"mps_rng": torch.mps.get_rng_state()}
+    return {}
+
+
+def restore_accelerator_rng(state: dict, device) -> None:
+    """Put back what accelerator_rng_state saved, when the run resumes on the same kind of device."""
+    import torch
+
+    kind = getattr(device, "type", device)
+    if kind == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    elif kind == "mps" and "mps_rng" in state:
+        torch.mps.set_rng_state(state["mps_rng"])

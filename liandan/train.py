@@ -31,7 +31,7 @@ from liandan.adapters import decoder_layers, save_adapter_files
 from liandan.atomic import atomic_dir, atomic_path, atomic_write_text
 from liandan.config import TrainConfig, lr_multiplier
 from liandan.data.batching import EncodedSet, collate, iterate_batches, padding_free_groups, pass_cost_tokens
-from liandan.device import peak_memory_gb
+from liandan.device import accelerator_rng_state, peak_memory_gb, restore_accelerator_rng
 from liandan.dist import Dist, wrap_for_training
 from liandan.errors import LiandanError
 from liandan.evaluate import evaluate_loss, loss_terms
@@ -172,8 +172,7 @@ class TrainJob:
     adapter_dir: Path
     record_for: Callable[[int], dict]  # iteration -> the record saved with each adapter
     # A trainer state from load_trainer_state(): the run continues exactly where it stopped (same batches,
-    # optimizer moments, schedule and CPU RNG), so the result equals an uninterrupted run. Not saved: the GPU's
-    # RNG, which only LoRA dropout above 0 on CUDA draws from (the default dropout is 0).
+    # optimizer moments, schedule, the CPU's RNG and the GPU's), so the result equals an uninterrupted run.
     resume: dict | None = None
     dist: Dist = field(default_factory=Dist)
     fsdp: bool = False
@@ -402,6 +401,7 @@ def _restore(job: TrainJob, model, parts: _Parts) -> TrainState:
     if resume:
         parts.scheduler.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["torch_rng"])
+        restore_accelerator_rng(resume, job.device)
         known = {f.name for f in fields(Counters)}
         state.counters = Counters(**{k: v for k, v in resume.get("counters", {}).items() if k in known})
         pending = {f.name for f in fields(Window)} - {"start"}
@@ -515,7 +515,8 @@ def _checkpoint(model, parts: _Parts, job: TrainJob, state: TrainState, reporter
     checkpoint = checkpoint_dir(adapter_dir, it)
     if job.dist.is_main:
         save_checkpoint(model, optimizer_state, parts.scheduler, adapter_dir, it, job.record_for(it),
-                        asdict(state.counters), weights, {"window": state.window.saved(), "train_data": parts.data_id})
+                        asdict(state.counters), weights, {"window": state.window.saved(), "train_data": parts.data_id,
+                                                          **accelerator_rng_state(job.device)})
         if not job.resume and not state.saved:
             _remove_other_checkpoints(adapter_dir, checkpoint)
         if job.cfg.keep_checkpoints:

@@ -80,6 +80,15 @@ def test_saved_index_refuses_other_files_and_rebuilds_when_its_files_change(tmp_
     assert liandan("docs", "index", other, "--out", out, "--overwrite").returncode == 0
 
 
+def test_chinese_results_print_on_a_terminal_that_cannot_show_them(tmp_path):
+    """An ASCII-only terminal gets the characters it lacks escaped, not a UnicodeEncodeError."""
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    result = subprocess.run([sys.executable, "-m", "liandan", "docs", "search", HANDBOOK / "zh", "-q", "错误代码 E7"],
+                            capture_output=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert b"E7" in result.stdout and b"\\u" in result.stdout and result.stdout.isascii()
+
+
 def test_bad_document_folders(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -171,3 +171,20 @@ def test_resumed_reports_equal_the_uninterrupted_runs(tmp_path, tiny_llama):
             if key in want:
                 assert have[key] == pytest.approx(want[key], rel=1e-6), (key, want["iteration"])
     assert_same(load_file(str(reference / "adapter_model.safetensors")), resumed)
+
+
+def test_a_gpus_random_state_goes_into_the_checkpoint_and_back(monkeypatch):
+    """LoRA dropout on a GPU draws from the GPU's generator: a checkpoint keeps its state and a resume on the same
+    kind of device puts it back (faked here: this machine has no GPU); on the CPU nothing extra is saved."""
+    from liandan.device import accelerator_rng_state, restore_accelerator_rng
+
+    generator = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: generator["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: generator.update(state=state))
+    saved = accelerator_rng_state(torch.device("cuda"))
+    generator["state"] = torch.tensor([9, 9, 9], dtype=torch.uint8)
+    restore_accelerator_rng(saved, torch.device("cuda"))
+    assert generator["state"].tolist() == [1, 2, 3]
+    assert accelerator_rng_state(torch.device("cpu")) == {}
+    restore_accelerator_rng(saved, torch.device("cpu"))  # another kind of device: left alone
+    assert generator["state"].tolist() == [1, 2, 3]
