@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -211,7 +210,9 @@ def main() -> None:
                                  parse_options(args.liandan_option))
         else:
             result = run_hf(args.model, Path(args.data), args.steps, work / "out", args.seeds[0])
-        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        from liandan.device import peak_memory_gb
+
+        result["peak_rss_gb"] = peak_memory_gb("cpu")  # the process's peak resident set size
         print(json.dumps(result))
         return
     data = Path(tempfile.mkdtemp()) / "data"

@@ -33,8 +33,9 @@ def pick_device(dtype: str | None = None) -> Device:
 
     if torch.cuda.is_available():
         kind = "cuda"
-        default = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        # Without emulation: older cards (T4, V100) can store bf16 but compute it slowly; fp32 is faster there.
+        default = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    elif has_mps():
         kind, default = "mps", torch.float32
     else:
         kind, default = "cpu", torch.float32
@@ -43,6 +44,13 @@ def pick_device(dtype: str | None = None) -> Device:
             raise LiandanError(f"--dtype {dtype} is not one of {', '.join(sorted(set(DTYPES.values())))}")
         default = getattr(torch, DTYPES[dtype])
     return Device(kind, default)
+
+
+def has_mps() -> bool:
+    """Whether this is a Mac whose GPU torch can use (Metal Performance Shaders)."""
+    import torch
+
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def peak_memory_gb(device=None) -> float:
@@ -57,8 +65,10 @@ def peak_memory_gb(device=None) -> float:
         index = getattr(device, "index", None)
         return torch.cuda.max_memory_allocated(index) / 1e9
     import resource
+    import sys
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+    per_gb = 1e9 if sys.platform == "darwin" else 1e6  # ru_maxrss is in bytes on macOS, in kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gb
 
 
 def accelerator_rng_state(device) -> dict:

@@ -12,6 +12,7 @@ Conventions, the same on 1 or N processes:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,13 +38,25 @@ class Dist:
     def all_sum(self, values: list[float]) -> list[float]:
         if not self.enabled:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        # NCCL (the GPU backend) reduces only tensors on the GPU; gloo (CPU runs) only those in memory.
+        device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
         return t.tolist()
 
     def barrier(self) -> None:
         if self.enabled:
             torch.distributed.barrier()
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first, then the others: work that fills a shared cache (converting the embedded
+        GGUF model on the first run) is done once, instead of by every rank at once into the same folder."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
 
 
 def init_distributed() -> Dist:
@@ -61,8 +74,9 @@ def init_distributed() -> Dist:
 
 
 def wrap_for_training(loss_module: torch.nn.Module, dist: Dist, fsdp: bool, layers) -> torch.nn.Module:
-    """DDP for adapters and small full fine-tunes; FSDP2 (fully_shard) shards parameters, gradients
-    and optimizer state layer by layer for models larger than one device."""
+    """DDP for adapters and small full fine-tunes; FSDP2 (fully_shard) shards parameters, gradients and
+    optimizer state layer by layer, for full fine-tunes whose training state does not fit one device (each
+    process has loaded the whole model first: the model itself must fit)."""
     if not dist.enabled:
         return loss_module
     if fsdp:

@@ -90,6 +90,8 @@ def stream(model, prompt_ids: list[int], max_tokens: int, stop_ids, device, temp
         ids = torch.tensor([prompt_ids], device=device)
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         past = _cache_of(out)
+        if ids.device.type == "cuda":  # GPU kernels run asynchronously: wait for the prompt's before timing it
+            torch.cuda.synchronize(ids.device)
         result.prompt_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(max_tokens):
@@ -332,7 +334,7 @@ def main(args: argparse.Namespace) -> int:
     n = len(result.tokens) + (1 if result.stopped else 0)
     print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tokens / max(result.prompt_seconds, 1e-9):.3f} tokens-per-sec")
     print(f"Generation: {n} tokens, {n / max(result.generation_seconds, 1e-9):.3f} tokens-per-sec")
-    print(f"Peak memory: {peak_memory_gb():.3f} GB")
+    print(f"Peak memory: {peak_memory_gb('cpu' if engine.kind == 'llama.cpp' else None):.3f} GB")  # llama.cpp: no torch
     if not result.stopped and len(result.tokens) < args.max_tokens and len(ids) + len(result.tokens) >= engine.context:
         print(f"Note: the answer was cut at the end of the context ({engine.context} tokens, prompt included), "
               f"before -m {args.max_tokens}; see --ctx-size", file=sys.stderr)

@@ -117,6 +117,8 @@ def main(args: argparse.Namespace) -> int:
     except torch.OutOfMemoryError as exc:  # before RuntimeError, its base class
         raise LiandanError(out_of_memory(cfg, exc)) from None
     except RuntimeError as exc:
+        if "out of memory" in str(exc):  # a Mac's GPU (MPS) reports it as a plain RuntimeError
+            raise LiandanError(out_of_memory(cfg, exc)) from None
         if not dist.enabled:
             raise
         # A peer died (gloo/NCCL report it as a RuntimeError here): one clear line, no traceback per rank.
@@ -209,7 +211,8 @@ def run(cfg: TrainConfig, log=print, dist=None, results: dict | None = None) -> 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     log("Loading pretrained model")
-    base = load_base(cfg)
+    with dist.main_first():
+        base = load_base(cfg)
     log("Loading datasets")
     data = load_data(cfg, base, target.record, log)
     replay = replay_examples(cfg, base, data, dist, log)
@@ -365,13 +368,10 @@ def replay_examples(cfg: TrainConfig, base: Base, data: Data, dist, log) -> list
         return []
     from liandan.replay import replay_pool
 
-    pool = None
-    for turn in ("main", "others"):
-        if (turn == "main") == dist.is_main:
-            pool = replay_pool(base.model, base.tokenizer, data.encoder, base.model_dir, cfg.replay_prompts,
-                               data.stop_ids, data.pad_id, base.device.torch_device, cfg.max_seq_length,
-                               soft_targets=cfg.kl_weight > 0)
-        dist.barrier()
+    with dist.main_first():
+        pool = replay_pool(base.model, base.tokenizer, data.encoder, base.model_dir, cfg.replay_prompts,
+                           data.stop_ids, data.pad_id, base.device.torch_device, cfg.max_seq_length,
+                           soft_targets=cfg.kl_weight > 0)
     how = "read from the cache" if pool.seconds is None else f"generated in {pool.seconds:.1f}s, cached"
     log(f"Replay: {len(pool.items)} base-model answers to {pool.prompts} general prompts ({how} in {pool.cache.parent}); "
         f"{cfg.replay_ratio:g} mixed in per training example against forgetting (--replay-ratio 0 turns this off).")
@@ -410,6 +410,9 @@ def train_model(cfg: TrainConfig, base: Base, data: Data, target: AdapterTarget,
 
     model, summary = setup_finetuning(base.model, cfg)
     log(summary)
+    if str(base.device.dtype) == "torch.float16":
+        log("Note: float16 trains without loss scaling here, so small gradients can underflow to 0; bfloat16 (on GPUs "
+            "that compute it) or float32 train safely (--dtype)")
     if cfg.resume_adapter_file:
         load_weights_into(model, Path(cfg.resume_adapter_file))
     state = None

@@ -29,6 +29,7 @@ import uuid
 from contextlib import closing
 from typing import Annotated, Literal
 
+from liandan.device import has_mps
 from liandan.errors import ContextExceeded, LiandanError
 from liandan.reasoning import split_text, splitter_for
 
@@ -152,6 +153,8 @@ def release_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    elif has_mps():
+        torch.mps.empty_cache()
 
 
 # ---------------------------------------------------------------- HTTP

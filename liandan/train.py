@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -320,7 +321,7 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
     log(f"Starting training..., iters: {cfg.iters}" + (f" (resuming after iteration {state.iteration})" if job.resume else ""))
     model.train()
     state.window.start = started = time.perf_counter()
-    with _StopRequest() as stop:
+    with _StopRequest() as stop, _mixed_precision(model, job):
         try:
             for it in range(state.iteration + 1, cfg.iters + 1):
                 if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
@@ -345,6 +346,31 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
         plot_losses(job.adapter_dir / METRICS, job.adapter_dir / LOSS_PLOT)
     return TrainResult(cfg.iters, state.train_loss, state.val_loss, seconds, c.tokens, c.trained,
                        peak_memory_gb(job.device), c.examples, c.replay_examples, c.replay_tokens)
+
+
+def half_precision_of(model) -> torch.dtype | None:
+    """The bf16/fp16 that a full fine-tune's forward pass runs in, under autocast, while its trained weights are
+    fp32 (adapters.setup_finetuning): the type of the frozen rest of the model. None otherwise; LoRA's forward
+    needs no autocast, because PEFT casts each input to the adapter's own type."""
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad} & {torch.bfloat16, torch.float16}
+    return next(iter(frozen)) if trained == {torch.float32} and frozen and not hasattr(model, "peft_config") else None
+
+
+@contextmanager
+def _mixed_precision(model, job: TrainJob):
+    """The autocast context of a full fine-tune's forward passes, and the model back in one type afterwards (the
+    test and generation after training run without autocast); a no-op for LoRA/DoRA and fp32."""
+    half = half_precision_of(model)
+    if half is None:
+        yield
+        return
+    with torch.autocast(job.device.type, dtype=half):
+        yield
+    if not job.fsdp:  # FSDP keeps its own copies of the weights; its runs end without a test
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(half)
 
 
 def _build_parts(model, job: TrainJob, log=print) -> _Parts:

@@ -113,3 +113,7 @@ def test_fsdp_full_fine_tuning_matches_one_process(data, tiny_llama_calm):
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] - b[name]).norm() / a[name].norm() <= 1e-5, name
+    norms = [[m["grad_norm"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "grad_norm" in m] for run in (one, two)]
+    # rank 0 reports the whole model's gradient norm, not its shard's
+    assert len(norms[0]) == 3 and all(abs(x - y) <= 1e-4 * x for x, y in zip(*norms)), norms

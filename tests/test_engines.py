@@ -96,6 +96,36 @@ def test_gguf_cache_key_follows_adapter_content_and_rebuilds_corrupt_files(tiny_
     assert content_hash(adapter) not in lora.name
 
 
+def test_a_model_that_does_not_fit_the_gpu_runs_on_the_cpu_without_reconverting(tiny_llama, monkeypatch, capfd):
+    """On a CUDA or Metal build, every layer goes to the GPU; when that load fails (a model larger than the GPU's
+    memory), llama.cpp runs it on the CPU and says so, instead of deleting the cached GGUF and converting it again.
+    Faked here: this machine's build has no GPU, so the "GPU" load is made to fail."""
+    llama_cpp = _llama_cpp()
+    from llama_cpp import _internals
+
+    from liandan.engines import load_engine
+
+    real = _internals.LlamaModel
+    placements = []
+
+    def model(path_model, params, verbose):
+        placements.append(params.n_gpu_layers)
+        if params.n_gpu_layers != 0:
+            raise ValueError("Failed to load model from file")  # what llama.cpp reports when the GPU is too small
+        return real(path_model=path_model, params=params, verbose=verbose)
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(_internals, "LlamaModel", model)
+    llama = load_engine("llama.cpp", str(tiny_llama), None, gguf_type="f32")
+    try:
+        assert _greedy(llama, PROMPTS[0])[0]
+    finally:
+        llama.close()
+    assert placements == [-1, 0]  # llama.cpp's own default (all layers), then none
+    err = capfd.readouterr().err
+    assert "does not fit in the GPU's memory; llama.cpp runs it on the CPU" in err and "rebuilding" not in err
+
+
 def test_a_gguf_given_as_model_runs_as_it_is(tiny_llama, lora_adapter, tmp_path, monkeypatch):
     """A q4_k_m (here q8_0) file of the user's is what llama.cpp runs: not dequantized and requantized."""
     _llama_cpp()

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -173,6 +174,24 @@ def check_stop_and_resume(adapters):
     assert f"resuming after iteration {stopped_at}" in state.log
     iterations = [it for it, _ in state.train_loss]
     assert iterations == sorted(iterations) and len(set(iterations)) == len(iterations)  # continued, not restarted
+
+
+def test_a_run_counts_as_alive_only_while_a_liandan_process_has_its_pid(tmp_path):
+    """On Linux the command line comes from /proc; on macOS, which has none, from `ps` (tried here with a /proc
+    that does not exist). A pid now held by another program is not a run."""
+    from liandan.studio.runs import _command_line
+
+    run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "liandan"])
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        for proc in (Path("/proc"), tmp_path / "no-proc"):
+            assert b"liandan" in _command_line(run.pid, proc)
+            assert b"liandan" not in _command_line(other.pid, proc)
+    finally:
+        for process in (run, other):
+            process.kill()
+            process.wait()
+    assert _command_line(run.pid, tmp_path / "no-proc") == b"" == _command_line(run.pid)
 
 
 def test_a_finished_run_reads_as_finished_and_its_test_scores_come_from_lora(tiny_llama, tmp_path):

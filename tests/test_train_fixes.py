@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import write_jsonl
 
 from liandan.config import load_config
@@ -267,3 +268,23 @@ def test_resume_restores_the_checkpoints_own_reports(tmp_path, tiny_llama):
                 for line in text.splitlines()]
 
     assert measured(metrics.read_text()) == measured(uninterrupted)
+
+
+def test_full_fine_tuning_in_bf16_keeps_fp32_weights_so_small_steps_are_not_rounded_away(tmp_path, tiny_llama):
+    """Adam moves each weight by about the learning rate per step: 1e-5 is below bf16's resolution for weights of
+    this size, so a bf16 model trained directly would not move. Mixed precision keeps fp32 copies that do, and
+    the model is back in bf16 for the test after training."""
+    from safetensors.torch import load_file
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    write_jsonl(tmp_path / "data" / "test.jsonl", ROWS[:2])
+    logs = []
+    run_lora(logs, **options(tmp_path, tiny_llama, fine_tune_type="full", dtype="bfloat16", learning_rate=1e-5,
+                             iters=3, save_every=3, test=True))
+    trained = load_file(str(tmp_path / "a" / "trained_weights.safetensors"))
+    base = load_file(str(tiny_llama / "model.safetensors"))
+    name = "model.layers.3.mlp.down_proj.weight"
+    step = (trained[name] - base[name].to(torch.bfloat16).float()).abs()  # from the weights as loaded, in bf16
+    assert trained[name].dtype == torch.float32 and base[name].abs().median() > 0.05
+    assert 3e-6 < step.median() < 6e-5, step.median()  # about 3 steps of 1e-5, not 0 and not bf16's rounding
+    assert any("Test loss" in line for line in logs), logs

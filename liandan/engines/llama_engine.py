@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import sys
 import threading
 import time
 
@@ -31,14 +32,7 @@ class LlamaEngine(Engine):
         super().__init__(pipe, ctx_size)
         self.slots = slots
         self.gguf_type = gguf_type
-        try:
-            self._load(rebuild=False)
-        except ValueError:  # a cached file that parses but llama.cpp refuses: convert it again, once
-            try:
-                self._load(rebuild=True)
-            except ValueError:  # the user's own .gguf (never rebuilt), or a conversion llama.cpp cannot read
-                raise LiandanError(f"llama.cpp cannot load {pipe.gguf_file or 'the converted GGUF'} (a GGUF version "
-                                   "or architecture this llama.cpp does not know?); try --engine torch") from None
+        self._load_where_it_fits()
         threads = max(1, cpu_count() // slots)
         self.free: queue.LifoQueue = queue.LifoQueue()  # last used first: its KV cache is the warmest
         self.made = 0  # slots created: close() frees them all, once every one is back in `free`
@@ -52,7 +46,24 @@ class LlamaEngine(Engine):
             raise LiandanError(f"llama.cpp could not allocate {slots} context(s) of {self.context} tokens; "
                                "lower --ctx-size (or --parallel)") from None
 
-    def _load(self, rebuild: bool) -> None:
+    def _load_where_it_fits(self) -> None:
+        """Every layer on the GPU of a CUDA or Metal build of llama.cpp, on the CPU when the model does not fit
+        there; a cached file that parses but llama.cpp still refuses is converted again, once."""
+        llama_cpp = require_llama_cpp()
+        on_gpu = (True, False) if llama_cpp.llama_supports_gpu_offload() else (False,)
+        for rebuild in (False, True):
+            for gpu in on_gpu:
+                try:
+                    self._load(rebuild=rebuild and gpu == on_gpu[0], gpu=gpu)
+                except ValueError:
+                    continue
+                if gpu != on_gpu[0]:
+                    print("Note: the model does not fit in the GPU's memory; llama.cpp runs it on the CPU", file=sys.stderr)
+                return
+        raise LiandanError(f"llama.cpp cannot load {self.pipe.gguf_file or 'the converted GGUF'} (a GGUF version or "
+                           "architecture this llama.cpp does not know?); try --engine torch")
+
+    def _load(self, rebuild: bool, gpu: bool) -> None:
         from liandan.engines.gguf_cache import engine_ggufs
 
         llama_cpp = require_llama_cpp()
@@ -62,8 +73,10 @@ class LlamaEngine(Engine):
         set_verbose(False)
         llama_cpp.llama_backend_init()
         model_path, lora_path = engine_ggufs(self.pipe, self.gguf_type, rebuild)
-        self.model = _internals.LlamaModel(path_model=str(model_path), params=llama_cpp.llama_model_default_params(),
-                                           verbose=False)
+        params = llama_cpp.llama_model_default_params()
+        if not gpu:  # else llama.cpp's own default: every layer on the GPU (-1) in the version setup.sh installs
+            params.n_gpu_layers = 0
+        self.model = _internals.LlamaModel(path_model=str(model_path), params=params, verbose=False)
         self.lora = None
         if lora_path is not None:
             self.lora = llama_cpp.llama_adapter_lora_init(self.model.model, str(lora_path).encode())

@@ -107,11 +107,22 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process: not a run this studio started, and Stop could not signal it
+        return False
     # After a reboot the pid may belong to another program; only a liandan process counts.
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    return not cmdline.exists() or b"liandan" in cmdline.read_bytes()
+    command = _command_line(pid)
+    return command is None or b"liandan" in command
+
+
+def _command_line(pid: int, proc: Path = Path("/proc")) -> bytes | None:
+    """The process's command line from /proc (Linux) or `ps` (macOS, which has no /proc); None if neither works."""
+    if proc.is_dir():
+        cmdline = proc / str(pid) / "cmdline"
+        return cmdline.read_bytes() if cmdline.exists() else b""
+    try:
+        return subprocess.run(["ps", "-p", str(pid), "-o", "command="], capture_output=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 @dataclass
