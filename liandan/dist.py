@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -50,12 +51,14 @@ class Dist:
 
     @contextmanager
     def main_first(self):
-        """Rank 0 runs the block first, then the others: work that fills a shared cache (converting the embedded
-        GGUF model on the first run) is done once, instead of by every rank at once into the same folder."""
-        if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
+        """Rank 0 runs the block first, then the first process of each other machine, then the rest: work that
+        fills a cache (downloading or converting the model, the replay answers) is done once per machine, by one
+        process, instead of by every rank at once into the same folder. A cache the machines share is filled by
+        rank 0 and read by all."""
+        turn = 0 if self.is_main else 1 if self.local_rank == 0 else 2
+        for t in range(3):
+            if t == turn:
+                yield
             self.barrier()
 
 
@@ -69,7 +72,10 @@ def init_distributed() -> Dist:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend=backend)
+        # The other ranks wait in main_first while rank 0 downloads or converts the model and generates the replay
+        # answers: far longer than the default 10 minutes for a large model. A rank that fails ends the run anyway
+        # (torchrun stops the others); the timeout only bounds a true hang.
+        torch.distributed.init_process_group(backend=backend, timeout=timedelta(hours=3))
     return Dist(rank, world, local_rank)
 
 

@@ -92,6 +92,8 @@ def stream(model, prompt_ids: list[int], max_tokens: int, stop_ids, device, temp
         past = _cache_of(out)
         if ids.device.type == "cuda":  # GPU kernels run asynchronously: wait for the prompt's before timing it
             torch.cuda.synchronize(ids.device)
+        elif ids.device.type == "mps":
+            torch.mps.synchronize()
         result.prompt_seconds = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(max_tokens):

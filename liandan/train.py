@@ -20,8 +20,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -234,6 +235,7 @@ class _Parts:
     pass_cost: int  # padded tokens that one more forward + backward pass costs (data.batching.pass_cost_tokens)
     null_space: null_space.NullSpace | None = None  # re-applied after every optimizer step (--protect-directions)
     data_id: str = ""  # data_fingerprint() of the training set, saved with each checkpoint
+    autocast: Callable = nullcontext  # a new context for each forward pass (_autocast_of)
 
 
 class Reporter:
@@ -321,7 +323,7 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
     log(f"Starting training..., iters: {cfg.iters}" + (f" (resuming after iteration {state.iteration})" if job.resume else ""))
     model.train()
     state.window.start = started = time.perf_counter()
-    with _StopRequest() as stop, _mixed_precision(model, job):
+    with _StopRequest() as stop:
         try:
             for it in range(state.iteration + 1, cfg.iters + 1):
                 if it == 1 or it % cfg.steps_per_eval == 0 or it == cfg.iters:
@@ -338,6 +340,7 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
         finally:
             reporter.close()
     seconds = time.perf_counter() - started
+    _back_in_one_type(model, job)
     model.eval()
     c = state.counters
     if c.skipped_nonfinite:
@@ -357,20 +360,25 @@ def half_precision_of(model) -> torch.dtype | None:
     return next(iter(frozen)) if trained == {torch.float32} and frozen and not hasattr(model, "peft_config") else None
 
 
-@contextmanager
-def _mixed_precision(model, job: TrainJob):
-    """The autocast context of a full fine-tune's forward passes, and the model back in one type afterwards (the
-    test and generation after training run without autocast); a no-op for LoRA/DoRA and fp32."""
+def _autocast_of(model, job: TrainJob) -> Callable:
+    """The context a full fine-tune's forward pass runs in: autocast to the frozen weights' bf16/fp16.
+
+    Entered around each forward pass, never around the loop: autocast keeps the half-precision copies it casts
+    of fp32 weights until its outermost block exits, so one block around the loop would run every later step
+    and validation with the weights of the first step."""
     half = half_precision_of(model)
-    if half is None:
-        yield
+    return partial(torch.autocast, job.device.type, dtype=half) if half else nullcontext
+
+
+def _back_in_one_type(model, job: TrainJob) -> None:
+    """A full fine-tune's fp32 trained weights cast back to the rest's bf16/fp16: the test and generation after
+    training run without autocast."""
+    half = half_precision_of(model)
+    if half is None or job.fsdp:  # FSDP keeps its own copies of the weights; its runs end without a test
         return
-    with torch.autocast(job.device.type, dtype=half):
-        yield
-    if not job.fsdp:  # FSDP keeps its own copies of the weights; its runs end without a test
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(half)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(half)
 
 
 def _build_parts(model, job: TrainJob, log=print) -> _Parts:
@@ -389,7 +397,8 @@ def _build_parts(model, job: TrainJob, log=print) -> _Parts:
                               pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng, near,
                                                                      cfg.replay_focus))
     return _Parts(forward, params, optimizer, scheduler, batches, job.train_set.items + replay,
-                  pass_cost_tokens(job.device), _null_space(model, job, log), data_fingerprint(job.train_set))
+                  pass_cost_tokens(job.device), _null_space(model, job, log), data_fingerprint(job.train_set),
+                  _autocast_of(model, job))
 
 
 def data_fingerprint(train_set: EncodedSet) -> str:
@@ -485,8 +494,9 @@ def _accumulate(parts: _Parts, job: TrainJob, global_batches: list[list], n_step
         # of backward passes (each one synchronises gradients), so each runs its share as one batch.
         for group in ([mine] if dist.enabled else padding_free_groups(mine, parts.pass_cost)):
             batch = collate(group, job.pad_id, job.device)
-            objective, _, ce_sum = parts.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                                 batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
+            with parts.autocast():
+                objective, _, ce_sum = parts.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                     batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
             # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
             (objective * dist.world / n_step).backward()
             loss += float(ce_sum)  # reported: the cross-entropy, comparable with the validation loss
@@ -507,8 +517,11 @@ def _validate(model, parts: _Parts, job: TrainJob, it: int, reporter) -> float |
     if job.valid_set is None or cfg.val_batches == 0:
         return None
     start = time.perf_counter()
-    loss, _ = evaluate_loss(model, job.valid_set, cfg.batch_size, cfg.val_batches, job.pad_id, job.device,
-                            lambda b: parts.forward(b["input_ids"], b["attention_mask"], b["labels"])[:2])
+    def forward(b):
+        with parts.autocast():
+            return parts.forward(b["input_ids"], b["attention_mask"], b["labels"])[:2]
+
+    loss, _ = evaluate_loss(model, job.valid_set, cfg.batch_size, cfg.val_batches, job.pad_id, job.device, forward)
     reporter.on_val_report({"iteration": it, "val_loss": loss, "val_time": time.perf_counter() - start})
     return loss
 

@@ -35,9 +35,18 @@ if [ "${1:-}" = "--test" ]; then
     pipdl() { .venv/bin/python -m pip --disable-pip-version-check -q download --no-deps --no-binary :all: "$@" >>"$LOG" 2>&1; }
     pipdl -d tests/.cache/sdist "llama-cpp-python==0.3.36" || { echo "setup: sdist download failed (log: $LOG)" >&2; exit 1; }
   fi
+  # Without llama.cpp's AMX kernels, which a native build turns on for Intel Xeons since Sapphire Rapids: they crash
+  # the process on some of these machines (llama.cpp issue 20824; liandan turns them off at run time, see
+  # engines.llama_model_params, but the tests also load GGUFs through llama_cpp.Llama, which cannot).
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__"
   if ! have llama_cpp; then
     echo "setup: building llama-cpp-python (first time only, several minutes)..." >&2
     pipi "llama-cpp-python==0.3.36"
+  fi
+  if .venv/bin/python -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())"; then
+    echo "setup: rebuilding llama-cpp-python without AMX (pip's cache held a build with it)..." >&2
+    .venv/bin/python -m pip --disable-pip-version-check -q cache remove "llama_cpp_python*" >>"$LOG" 2>&1 || true
+    pipi --force-reinstall --no-deps "llama-cpp-python==0.3.36"
   fi
   if ! command -v go >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "setup: installing Go (golang-go) for the Ollama template tests..." >&2

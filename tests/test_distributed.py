@@ -117,3 +117,34 @@ def test_fsdp_full_fine_tuning_matches_one_process(data, tiny_llama_calm):
               if "grad_norm" in m] for run in (one, two)]
     # rank 0 reports the whole model's gradient norm, not its shard's
     assert len(norms[0]) == 3 and all(abs(x - y) <= 1e-4 * x for x, y in zip(*norms)), norms
+
+
+MAIN_FIRST = """
+import os, sys, time
+rank = int(os.environ["RANK"])
+os.environ["LOCAL_RANK"] = str(rank % 2)  # four processes posing as two machines of two
+from liandan.dist import init_distributed, shutdown
+dist = init_distributed()
+with dist.main_first():
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{rank} enter {time.monotonic()}\\n")
+    time.sleep(0.5)
+    with open(sys.argv[1], "a") as f:
+        f.write(f"{rank} leave {time.monotonic()}\\n")
+shutdown(dist)
+"""
+
+
+def test_main_first_runs_rank_0_then_one_process_per_machine_then_the_rest(tmp_path):
+    """The model cache is per machine: its first process fills it after rank 0, before the machine's others read it."""
+    script, log = tmp_path / "main_first.py", tmp_path / "order.txt"
+    script.write_text(MAIN_FIRST)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script), str(log)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    times = {}
+    for line in log.read_text().splitlines():
+        rank, what, at = line.split()
+        times[int(rank), what] = float(at)
+    assert times[0, "leave"] < times[2, "enter"]  # rank 0, then the second machine's first process
+    assert times[2, "leave"] < min(times[1, "enter"], times[3, "enter"])  # then everyone else

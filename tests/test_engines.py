@@ -123,7 +123,20 @@ def test_a_model_that_does_not_fit_the_gpu_runs_on_the_cpu_without_reconverting(
         llama.close()
     assert placements == [-1, 0]  # llama.cpp's own default (all layers), then none
     err = capfd.readouterr().err
-    assert "does not fit in the GPU's memory; llama.cpp runs it on the CPU" in err and "rebuilding" not in err
+    assert "could not load the model on the GPU (too little free memory?); it runs on the CPU" in err and "rebuilding" not in err
+
+
+def test_a_build_with_amx_loads_models_without_its_weight_layout(monkeypatch):
+    """llama.cpp's AMX kernels crash on multi-token prompts on some Xeons (seen on a machine this project is built on): where
+    the build has them, models load with the plain CPU layout; elsewhere llama.cpp's defaults stay."""
+    llama_cpp = _llama_cpp()
+    from liandan.engines import llama_model_params
+
+    info = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | {} | OPENMP = 1 | REPACK = 1 | "
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: info.format("AMX_INT8 = 1").encode())
+    assert llama_model_params(llama_cpp).use_extra_bufts is False
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: info.format("AVX512_BF16 = 1").encode())
+    assert llama_model_params(llama_cpp).use_extra_bufts is True
 
 
 def test_a_gguf_given_as_model_runs_as_it_is(tiny_llama, lora_adapter, tmp_path, monkeypatch):

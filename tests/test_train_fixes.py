@@ -288,3 +288,21 @@ def test_full_fine_tuning_in_bf16_keeps_fp32_weights_so_small_steps_are_not_roun
     assert trained[name].dtype == torch.float32 and base[name].abs().median() > 0.05
     assert 3e-6 < step.median() < 6e-5, step.median()  # about 3 steps of 1e-5, not 0 and not bf16's rounding
     assert any("Test loss" in line for line in logs), logs
+
+
+def test_full_fine_tuning_in_bf16_validates_the_weights_as_trained_so_far(tmp_path, tiny_llama):
+    """Autocast keeps its bf16 copies of the fp32 weights until its block exits: one block around the whole loop
+    validated (and trained) every step with the first step's weights, so the validation loss never moved."""
+    import re
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    write_jsonl(tmp_path / "data" / "valid.jsonl", ROWS)
+    write_jsonl(tmp_path / "data" / "test.jsonl", ROWS)
+    logs = []
+    run_lora(logs, **options(tmp_path, tiny_llama, fine_tune_type="full", dtype="bfloat16", learning_rate=1e-3,
+                             iters=8, save_every=8, steps_per_eval=4, val_batches=-1, test=True))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    val = [row["val_loss"] for row in rows if "val_loss" in row]
+    test = float(next(re.search(r"Test loss ([\d.]+)", line).group(1) for line in logs if "Test loss" in line))
+    assert len(val) == 3 and val[1] < 0.8 * val[0] and val[2] < val[1], val  # before steps 1, 4 and 8
+    assert test < val[1], (val, test)  # the same rows after all 8 steps, without autocast

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from liandan.engines import DEFAULT_GGUF_TYPE, Engine, Sampling, require_llama_cpp
+from liandan.engines import DEFAULT_GGUF_TYPE, Engine, Sampling, llama_model_params, require_llama_cpp
 from liandan.errors import LiandanError
 
 BATCH = 512  # prompt tokens per llama_decode call
@@ -58,7 +58,8 @@ class LlamaEngine(Engine):
                 except ValueError:
                     continue
                 if gpu != on_gpu[0]:
-                    print("Note: the model does not fit in the GPU's memory; llama.cpp runs it on the CPU", file=sys.stderr)
+                    print("Note: llama.cpp could not load the model on the GPU (too little free memory?); it runs on the CPU",
+                          file=sys.stderr)
                 return
         raise LiandanError(f"llama.cpp cannot load {self.pipe.gguf_file or 'the converted GGUF'} (a GGUF version or "
                            "architecture this llama.cpp does not know?); try --engine torch")
@@ -73,7 +74,7 @@ class LlamaEngine(Engine):
         set_verbose(False)
         llama_cpp.llama_backend_init()
         model_path, lora_path = engine_ggufs(self.pipe, self.gguf_type, rebuild)
-        params = llama_cpp.llama_model_default_params()
+        params = llama_model_params(llama_cpp)
         if not gpu:  # else llama.cpp's own default: every layer on the GPU (-1) in the version setup.sh installs
             params.n_gpu_layers = 0
         self.model = _internals.LlamaModel(path_model=str(model_path), params=params, verbose=False)

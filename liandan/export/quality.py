@@ -9,7 +9,9 @@ is kept in f32 so that the difference measured is the weights' alone.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +47,11 @@ def validation_items(model_dir: Path, data: str | None = None) -> tuple[list, st
 def gguf_perplexity(path: Path, items: list) -> tuple[float, int]:
     """(perplexity, tokens) of the trained positions of `items`, computed by llama.cpp from the GGUF at `path`."""
     from liandan.data.render import IGNORE
-    from liandan.engines import require_llama_cpp
 
-    llama_cpp = require_llama_cpp("--check")
-    n_ctx = max(len(item.input_ids) for item in items)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     total, count = 0.0, 0
-    try:
+    with _llama_scorer(path, max(len(item.input_ids) for item in items)) as logits_of:
         for item in items:
-            llm.reset()
-            llm.eval(item.input_ids)
-            logits = np.asarray(llm.scores[: len(item.input_ids) - 1], dtype=np.float64)
+            logits = logits_of(item.input_ids)[:-1].astype(np.float64)
             targets = np.asarray(item.input_ids[1:])
             trained = np.asarray(item.labels[1:]) != IGNORE  # position t's logits predict token t + 1
             top = logits.max(-1, keepdims=True)
@@ -64,9 +59,44 @@ def gguf_perplexity(path: Path, items: list) -> tuple[float, int]:
             nll = log_norm - logits[np.arange(len(targets)), targets]
             total += float(nll[trained].sum())
             count += int(trained.sum())
-    finally:
-        llm.close()
     return (math.exp(total / count) if count else float("nan")), count
+
+
+@contextmanager
+def _llama_scorer(path: Path, n_ctx: int):
+    """A function: token ids -> llama.cpp's logits at every position, from a fresh f32 KV cache each time.
+
+    llama.cpp's low-level objects rather than llama_cpp.Llama, whose model parameters cannot be set: those of
+    engines.llama_model_params keep it running on machines where its AMX kernels crash."""
+    from liandan.engines import llama_model_params, require_llama_cpp
+
+    llama_cpp = require_llama_cpp("--check")
+    from llama_cpp import _internals
+
+    llama_cpp.llama_backend_init()
+    model = _internals.LlamaModel(path_model=str(path), params=llama_model_params(llama_cpp), verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+    params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+    params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
+    # Flash attention (on by default for the CPU) sums in another order: ~1e-3 of relative error in perplexity,
+    # as large as a good quantization's own cost.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+    batch = _internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1, verbose=False)
+
+    def logits_of(ids: list[int]) -> np.ndarray:
+        ctx.kv_cache_clear()
+        batch.set_batch(ids, n_past=0, logits_all=True)
+        ctx.decode(batch)
+        return np.ctypeslib.as_array(ctx.get_logits(), shape=(len(ids), model.n_vocab())).copy()
+
+    try:
+        yield logits_of
+    finally:
+        batch.close()
+        ctx.close()
+        model.close()
 
 
 def check(model_dir: Path, outfile: Path, outtype: str, data: str | None = None, log=print) -> tuple[float, float]:
