@@ -24,6 +24,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    waiting_group: object = None  # main_first's barriers: gloo, with a timeout long enough for a model download
 
     @property
     def enabled(self) -> bool:
@@ -59,7 +60,8 @@ class Dist:
         for t in range(3):
             if t == turn:
                 yield
-            self.barrier()
+            if self.enabled:
+                torch.distributed.barrier(group=self.waiting_group)
 
 
 def init_distributed() -> Dist:
@@ -72,11 +74,12 @@ def init_distributed() -> Dist:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-        # The other ranks wait in main_first while rank 0 downloads or converts the model and generates the replay
-        # answers: far longer than the default 10 minutes for a large model. A rank that fails ends the run anyway
-        # (torchrun stops the others); the timeout only bounds a true hang.
-        torch.distributed.init_process_group(backend=backend, timeout=timedelta(hours=3))
-    return Dist(rank, world, local_rank)
+        torch.distributed.init_process_group(backend=backend)
+    # The other ranks wait in main_first while rank 0 downloads or converts the model and generates the replay
+    # answers: for a large model far longer than the 10 minutes after which a collective fails. Those waits get
+    # their own group with a longer timeout; training's collectives keep the short one, so a hang there still ends.
+    waiting = torch.distributed.new_group(backend="gloo", timeout=timedelta(hours=3))
+    return Dist(rank, world, local_rank, waiting)
 
 
 def wrap_for_training(loss_module: torch.nn.Module, dist: Dist, fsdp: bool, layers) -> torch.nn.Module:

@@ -43,10 +43,15 @@ if [ "${1:-}" = "--test" ]; then
     echo "setup: building llama-cpp-python (first time only, several minutes)..." >&2
     pipi "llama-cpp-python==0.3.36"
   fi
-  if .venv/bin/python -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())"; then
+  has_amx() { .venv/bin/python -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())"; }
+  if has_amx; then
     echo "setup: rebuilding llama-cpp-python without AMX (pip's cache held a build with it)..." >&2
     .venv/bin/python -m pip --disable-pip-version-check -q cache remove "llama_cpp_python*" >>"$LOG" 2>&1 || true
     pipi --force-reinstall --no-deps "llama-cpp-python==0.3.36"
+    if has_amx; then
+      echo "setup: llama-cpp-python still has AMX after a rebuild with CMAKE_ARGS=$CMAKE_ARGS; check GGML_AMX_* there" >&2
+      exit 1
+    fi
   fi
   if ! command -v go >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "setup: installing Go (golang-go) for the Ollama template tests..." >&2

@@ -15,11 +15,14 @@ ROWS = [{"prompt": f"Question {i}: " + "tell me " * (i % 4), "completion": f"Ans
         for i in range(8)]
 
 
+# gloo on CPU processes, also on a machine with GPUs (NCCL would need a GPU per process)
+CPU_ENV = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+
 def torchrun(*args, script=None):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += [script] if script else ["-m", "liandan"]
-    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=300, env=CPU_ENV)
 
 
 def lora_args(data, adapters, model, optimizer, lr, iters=6, extra=()):
@@ -140,7 +143,7 @@ def test_main_first_runs_rank_0_then_one_process_per_machine_then_the_rest(tmp_p
     script, log = tmp_path / "main_first.py", tmp_path / "order.txt"
     script.write_text(MAIN_FIRST)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script), str(log)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=CPU_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     times = {}
     for line in log.read_text().splitlines():

@@ -45,7 +45,8 @@ def llama_model_params(llama_cpp):
     llama.cpp's AMX matrix multiply (Intel Xeon since Sapphire Rapids, which a native build turns on) crashes
     the process on prompts of more than one token on some of these machines (llama.cpp issue 20824; seen here
     on a cloud Xeon VM, with every quantized GGUF): a crash no error handling can catch. Without the extra
-    weight layouts llama.cpp uses its plain CPU kernels, a little slower, and runs."""
+    weight layouts llama.cpp uses its plain CPU kernels and runs; the cost is AMX's speed and that of the other
+    extra layout, the weights repacked for the AVX2/AVX-512 kernels."""
     params = llama_cpp.llama_model_default_params()
     if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
         params.use_extra_bufts = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,8 @@ def _llama_scorer(path: Path, n_ctx: int):
     from llama_cpp import _internals
 
     llama_cpp.llama_backend_init()
-    model = _internals.LlamaModel(path_model=str(path), params=llama_model_params(llama_cpp), verbose=False)
+    model_params = llama_model_params(llama_cpp)
+    model_params.n_gpu_layers = 0  # as llama_cpp.Llama's default: the CPU's numbers, and any model size loads
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
     params.n_threads = params.n_threads_batch = os.cpu_count() or 1
@@ -82,21 +83,21 @@ def _llama_scorer(path: Path, n_ctx: int):
     # Flash attention (on by default for the CPU) sums in another order: ~1e-3 of relative error in perplexity,
     # as large as a good quantization's own cost.
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
-    batch = _internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1, verbose=False)
+    with ExitStack() as stack:  # closed in reverse order, also when a later one fails to load
+        model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
+        stack.callback(model.close)
+        ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+        stack.callback(ctx.close)
+        batch = _internals.LlamaBatch(n_tokens=n_ctx, embd=0, n_seq_max=1, verbose=False)
+        stack.callback(batch.close)
 
-    def logits_of(ids: list[int]) -> np.ndarray:
-        ctx.kv_cache_clear()
-        batch.set_batch(ids, n_past=0, logits_all=True)
-        ctx.decode(batch)
-        return np.ctypeslib.as_array(ctx.get_logits(), shape=(len(ids), model.n_vocab())).copy()
+        def logits_of(ids: list[int]) -> np.ndarray:
+            ctx.kv_cache_clear()
+            batch.set_batch(ids, n_past=0, logits_all=True)
+            ctx.decode(batch)
+            return np.ctypeslib.as_array(ctx.get_logits(), shape=(len(ids), model.n_vocab())).copy()
 
-    try:
         yield logits_of
-    finally:
-        batch.close()
-        ctx.close()
-        model.close()
 
 
 def check(model_dir: Path, outfile: Path, outtype: str, data: str | None = None, log=print) -> tuple[float, float]:
