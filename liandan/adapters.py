@@ -80,7 +80,7 @@ def setup_finetuning(model, cfg: TrainConfig):
             for p in layers[index].parameters():
                 p.requires_grad_(True)
                 # Mixed precision, as HF Trainer's bf16=True: the trained weights are kept in fp32 (the forward
-                # pass still runs in bf16/fp16, under autocast: train._autocast_of). Adam's steps at the
+                # pass still runs in bf16/fp16, under autocast: train.LossModule). Adam's steps at the
                 # usual 1e-5 are below bf16's resolution for any weight above ~4e-3: trained in bf16 they barely move.
                 p.data = p.data.float()
         trained = model

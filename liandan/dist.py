@@ -46,9 +46,9 @@ class Dist:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
-    def barrier(self) -> None:
+    def barrier(self, group=None) -> None:
         if self.enabled:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=group)
 
     @contextmanager
     def main_first(self):
@@ -60,8 +60,7 @@ class Dist:
         for t in range(3):
             if t == turn:
                 yield
-            if self.enabled:
-                torch.distributed.barrier(group=self.waiting_group)
+            self.barrier(self.waiting_group)
 
 
 def init_distributed() -> Dist:

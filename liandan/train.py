@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,19 +69,28 @@ class TrainingInterrupted(Exception):
 
 
 class LossModule(torch.nn.Module):
-    """The training forward pass as one module, so DDP/FSDP wrap exactly what is computed."""
+    """The training forward pass as one module, so DDP/FSDP wrap exactly what is computed.
 
-    def __init__(self, model, kl_weight: float = 0.0, learned_prob: float = 0.0):
+    A full fine-tune of a bf16/fp16 model (half_precision_of) runs each pass under autocast to that type. The
+    block is entered per pass, never around the loop: autocast keeps the half-precision copies it casts of fp32
+    weights until its outermost block exits, so one block around the loop would run every later step and
+    validation with the weights of the first step. Backward runs outside it, as PyTorch advises."""
+
+    def __init__(self, model, kl_weight: float = 0.0, learned_prob: float = 0.0, half: torch.dtype | None = None,
+                 device_type: str = "cpu"):
         super().__init__()
         self.model = model
         self.kl_weight = kl_weight
         self.learned_prob = learned_prob
+        self.half = half
+        self.device_type = device_type
 
     def forward(self, input_ids, attention_mask, labels, soft_ids=None, soft_logp=None, soft_mask=None):
         """(objective to minimise, trained tokens, cross-entropy alone: what the reports show)."""
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "soft_ids": soft_ids, "soft_logp": soft_logp, "soft_mask": soft_mask}
-        ce, n, kl = loss_terms(self.model, batch, with_kl=self.kl_weight > 0, learned_prob=self.learned_prob)
+        with torch.autocast(self.device_type, dtype=self.half) if self.half else nullcontext():
+            ce, n, kl = loss_terms(self.model, batch, with_kl=self.kl_weight > 0, learned_prob=self.learned_prob)
         objective = ce if kl is None else ce + self.kl_weight * kl
         return objective, n, ce.detach()
 
@@ -235,7 +243,6 @@ class _Parts:
     pass_cost: int  # padded tokens that one more forward + backward pass costs (data.batching.pass_cost_tokens)
     null_space: null_space.NullSpace | None = None  # re-applied after every optimizer step (--protect-directions)
     data_id: str = ""  # data_fingerprint() of the training set, saved with each checkpoint
-    autocast: Callable = nullcontext  # a new context for each forward pass (_autocast_of)
 
 
 class Reporter:
@@ -360,16 +367,6 @@ def half_precision_of(model) -> torch.dtype | None:
     return next(iter(frozen)) if trained == {torch.float32} and frozen and not hasattr(model, "peft_config") else None
 
 
-def _autocast_of(model, job: TrainJob) -> Callable:
-    """The context a full fine-tune's forward pass runs in: autocast to the frozen weights' bf16/fp16.
-
-    Entered around each forward pass, never around the loop: autocast keeps the half-precision copies it casts
-    of fp32 weights until its outermost block exits, so one block around the loop would run every later step
-    and validation with the weights of the first step."""
-    half = half_precision_of(model)
-    return partial(torch.autocast, job.device.type, dtype=half) if half else nullcontext
-
-
 def _back_in_one_type(model, job: TrainJob) -> None:
     """A full fine-tune's fp32 trained weights cast back to the rest's bf16/fp16: the test and generation after
     training run without autocast."""
@@ -383,7 +380,7 @@ def _back_in_one_type(model, job: TrainJob) -> None:
 
 def _build_parts(model, job: TrainJob, log=print) -> _Parts:
     cfg = job.cfg
-    loss = LossModule(model, cfg.kl_weight, cfg.learned_prob)
+    loss = LossModule(model, cfg.kl_weight, cfg.learned_prob, half_precision_of(model), job.device.type)
     forward = wrap_for_training(loss, job.dist, job.fsdp, decoder_layers(model))
     params = [p for p in forward.parameters() if p.requires_grad]  # after wrapping: FSDP swaps in sharded ones
     optimizer = make_optimizer(params, cfg)
@@ -397,8 +394,7 @@ def _build_parts(model, job: TrainJob, log=print) -> _Parts:
                               pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng, near,
                                                                      cfg.replay_focus))
     return _Parts(forward, params, optimizer, scheduler, batches, job.train_set.items + replay,
-                  pass_cost_tokens(job.device), _null_space(model, job, log), data_fingerprint(job.train_set),
-                  _autocast_of(model, job))
+                  pass_cost_tokens(job.device), _null_space(model, job, log), data_fingerprint(job.train_set))
 
 
 def data_fingerprint(train_set: EncodedSet) -> str:
@@ -494,9 +490,8 @@ def _accumulate(parts: _Parts, job: TrainJob, global_batches: list[list], n_step
         # of backward passes (each one synchronises gradients), so each runs its share as one batch.
         for group in ([mine] if dist.enabled else padding_free_groups(mine, parts.pass_cost)):
             batch = collate(group, job.pad_id, job.device)
-            with parts.autocast():
-                objective, _, ce_sum = parts.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                                     batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
+            objective, _, ce_sum = parts.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                 batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
             # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
             (objective * dist.world / n_step).backward()
             loss += float(ce_sum)  # reported: the cross-entropy, comparable with the validation loss
@@ -517,11 +512,8 @@ def _validate(model, parts: _Parts, job: TrainJob, it: int, reporter) -> float |
     if job.valid_set is None or cfg.val_batches == 0:
         return None
     start = time.perf_counter()
-    def forward(b):
-        with parts.autocast():
-            return parts.forward(b["input_ids"], b["attention_mask"], b["labels"])[:2]
-
-    loss, _ = evaluate_loss(model, job.valid_set, cfg.batch_size, cfg.val_batches, job.pad_id, job.device, forward)
+    loss, _ = evaluate_loss(model, job.valid_set, cfg.batch_size, cfg.val_batches, job.pad_id, job.device,
+                            lambda b: parts.forward(b["input_ids"], b["attention_mask"], b["labels"])[:2])
     reporter.on_val_report({"iteration": it, "val_loss": loss, "val_time": time.perf_counter() - start})
     return loss
 

@@ -43,7 +43,7 @@ if [ "${1:-}" = "--test" ]; then
     echo "setup: building llama-cpp-python (first time only, several minutes)..." >&2
     pipi "llama-cpp-python==0.3.36"
   fi
-  has_amx() { .venv/bin/python -c "import llama_cpp, sys; sys.exit(b'AMX_INT8 = 1' not in llama_cpp.llama_print_system_info())"; }
+  has_amx() { .venv/bin/python -c "import llama_cpp, sys; from liandan.engines import llama_has_amx; sys.exit(not llama_has_amx(llama_cpp))"; }
   if has_amx; then
     echo "setup: rebuilding llama-cpp-python without AMX (pip's cache held a build with it)..." >&2
     .venv/bin/python -m pip --disable-pip-version-check -q cache remove "llama_cpp_python*" >>"$LOG" 2>&1 || true

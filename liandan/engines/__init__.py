@@ -39,6 +39,11 @@ def require_llama_cpp(purpose: str = "--engine llama.cpp"):
     return llama_cpp
 
 
+def llama_has_amx(llama_cpp) -> bool:
+    """Whether this llama.cpp build has the AMX kernels (llama_model_params; scripts/setup.sh builds without)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
 def llama_model_params(llama_cpp):
     """llama.cpp's default model parameters, less the AMX weight layout where the build compiled it in.
 
@@ -48,7 +53,7 @@ def llama_model_params(llama_cpp):
     weight layouts llama.cpp uses its plain CPU kernels and runs; the cost is AMX's speed and that of the other
     extra layout, the weights repacked for the AVX2/AVX-512 kernels."""
     params = llama_cpp.llama_model_default_params()
-    if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+    if llama_has_amx(llama_cpp):
         params.use_extra_bufts = False
     return params
 
