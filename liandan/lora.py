@@ -410,9 +410,6 @@ def train_model(cfg: TrainConfig, base: Base, data: Data, target: AdapterTarget,
 
     model, summary = setup_finetuning(base.model, cfg)
     log(summary)
-    if str(base.device.dtype) == "torch.float16":
-        log("Note: float16 trains without loss scaling here, so small gradients can underflow to 0; bfloat16 (on GPUs "
-            "that compute it) or float32 train safely (--dtype)")
     if cfg.resume_adapter_file:
         load_weights_into(model, Path(cfg.resume_adapter_file))
     state = None

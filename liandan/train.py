@@ -196,6 +196,7 @@ class Counters:
     tokens: int = 0  # non-pad input tokens processed (added at each report)
     trained: int = 0  # tokens that counted in the loss (added at each report)
     skipped_nonfinite: int = 0
+    overflow_steps: int = 0  # float16: optimizer steps the loss scaler skipped (loss_scaler)
     examples: int = 0  # examples seen, replay included
     replay_examples: int = 0
     replay_tokens: int = 0
@@ -243,6 +244,7 @@ class _Parts:
     pass_cost: int  # padded tokens that one more forward + backward pass costs (data.batching.pass_cost_tokens)
     null_space: null_space.NullSpace | None = None  # re-applied after every optimizer step (--protect-directions)
     data_id: str = ""  # data_fingerprint() of the training set, saved with each checkpoint
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))  # loss_scaler()
 
 
 class Reporter:
@@ -352,6 +354,9 @@ def train(model, job: TrainJob, log=print, reporter: Reporter | None = None) -> 
     c = state.counters
     if c.skipped_nonfinite:
         log(f"Skipped {c.skipped_nonfinite} batch(es) with a non-finite loss or gradient.")
+    if c.overflow_steps:
+        log(f"float16: {c.overflow_steps} step(s) skipped while the loss scale adjusted to the gradients "
+            f"(scale now {parts.scaler.get_scale():g}).")
     if dist.is_main:
         plot_losses(job.adapter_dir / METRICS, job.adapter_dir / LOSS_PLOT)
     return TrainResult(cfg.iters, state.train_loss, state.val_loss, seconds, c.tokens, c.trained,
@@ -365,6 +370,20 @@ def half_precision_of(model) -> torch.dtype | None:
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad} & {torch.bfloat16, torch.float16}
     return next(iter(frozen)) if trained == {torch.float32} and frozen and not hasattr(model, "peft_config") else None
+
+
+def loss_scaler(model, job: TrainJob) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for float16, as HF Trainer's fp16=True: gradients flowing back through float16
+    activations often fall below its smallest normal number (6e-5) and lose their precision or vanish. The loss
+    is scaled up before backward and the gradients unscaled before clipping; a step whose scaled gradients
+    overflow is skipped and the scale halved. bfloat16 has float32's range and needs none (a disabled scaler
+    passes everything through)."""
+    fp16 = any(p.dtype == torch.float16 for p in model.parameters())
+    if fp16 and job.fsdp:  # each rank holds a shard of the gradients: all must agree on an overflow
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(job.device.type)
+    return torch.amp.GradScaler(job.device.type, enabled=fp16)
 
 
 def _back_in_one_type(model, job: TrainJob) -> None:
@@ -394,7 +413,8 @@ def _build_parts(model, job: TrainJob, log=print) -> _Parts:
                               pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng, near,
                                                                      cfg.replay_focus))
     return _Parts(forward, params, optimizer, scheduler, batches, job.train_set.items + replay,
-                  pass_cost_tokens(job.device), _null_space(model, job, log), data_fingerprint(job.train_set))
+                  pass_cost_tokens(job.device), _null_space(model, job, log), data_fingerprint(job.train_set),
+                  loss_scaler(model, job))
 
 
 def data_fingerprint(train_set: EncodedSet) -> str:
@@ -431,6 +451,8 @@ def _restore(job: TrainJob, model, parts: _Parts) -> TrainState:
         parts.optimizer.load_state_dict(resume["optimizer"])
     if resume:
         parts.scheduler.load_state_dict(resume["scheduler"])
+        if "grad_scaler" in resume:
+            parts.scaler.load_state_dict(resume["grad_scaler"])
         torch.set_rng_state(resume["torch_rng"])
         restore_accelerator_rng(resume, job.device)
         known = {f.name for f in fields(Counters)}
@@ -452,10 +474,14 @@ def _step(parts: _Parts, job: TrainJob, state: TrainState, it: int, reporter) ->
     n_step = sum(item.n_trained for b in global_batches for item in b)
     loss, tokens = _accumulate(parts, job, global_batches, n_step)
     state.window.tokens += int(tokens)
+    parts.scaler.unscale_(parts.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.params, cfg.max_grad_norm or float("inf")))
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        parts.optimizer.step()
-        if parts.null_space:
+    overflow = parts.scaler.is_enabled() and not math.isfinite(grad_norm)  # float16: the scale was too high
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow):
+        parts.scaler.step(parts.optimizer)  # skips the step on an overflow
+        if overflow:
+            state.counters.overflow_steps += 1
+        elif parts.null_space:
             parts.null_space.apply()
         parts.scheduler.step()
         parts.optimizer.zero_grad(set_to_none=True)
@@ -473,6 +499,7 @@ def _step(parts: _Parts, job: TrainJob, state: TrainState, it: int, reporter) ->
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scheduler.step()
         reporter.say(f"Iter {it}: non-finite {what}, batch skipped ({state.counters.skipped_nonfinite} so far)")
+    parts.scaler.update()
     reporter.on_step(it, loss / n_step)
     return grad_norm
 
@@ -493,7 +520,7 @@ def _accumulate(parts: _Parts, job: TrainJob, global_batches: list[list], n_step
             objective, _, ce_sum = parts.forward(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                                  batch.get("soft_ids"), batch.get("soft_logp"), batch.get("soft_mask"))
             # DDP/FSDP average gradients over ranks; scaling by the world size turns that into the sum.
-            (objective * dist.world / n_step).backward()
+            parts.scaler.scale(objective * dist.world / n_step).backward()
             loss += float(ce_sum)  # reported: the cross-entropy, comparable with the validation loss
             tokens += int(batch["attention_mask"].sum())
     loss, tokens = dist.all_sum([loss, tokens])
@@ -529,7 +556,7 @@ def _report(state: TrainState, parts: _Parts, job: TrainJob, grad_norm: float, r
         "iteration": state.iteration,
         "train_loss": state.train_loss,
         "learning_rate": parts.optimizer.param_groups[0]["lr"],
-        "grad_norm": grad_norm,  # of the report's last step, before clipping
+        "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # of the report's last step, before clipping
         "it_per_sec": window.steps / elapsed,
         "tokens_per_sec": window.tokens / elapsed,
         "trained_tokens": counters.trained,
@@ -545,9 +572,10 @@ def _checkpoint(model, parts: _Parts, job: TrainJob, state: TrainState, reporter
     weights, optimizer_state = gather_states(model, parts.optimizer, job.fsdp)
     checkpoint = checkpoint_dir(adapter_dir, it)
     if job.dist.is_main:
+        scaler = {"grad_scaler": parts.scaler.state_dict()} if parts.scaler.is_enabled() else {}
         save_checkpoint(model, optimizer_state, parts.scheduler, adapter_dir, it, job.record_for(it),
                         asdict(state.counters), weights, {"window": state.window.saved(), "train_data": parts.data_id,
-                                                          **accelerator_rng_state(job.device)})
+                                                          **accelerator_rng_state(job.device), **scaler})
         if not job.resume and not state.saved:
             _remove_other_checkpoints(adapter_dir, checkpoint)
         if job.cfg.keep_checkpoints:
