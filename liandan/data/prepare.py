@@ -26,9 +26,10 @@ COMPLETION_NAMES = ("completion", "answer", "Answer", "response", "Response", "o
 TEXT_NAMES = ("text", "content", "document", "body")
 
 
-def read_rows(path: Path):
-    """Yield (row number, dict) from one of TABLE_SUFFIXES; a row that is not an object is an error."""
-    for n, row in _read_values(path):
+def read_rows(path: Path, log=None):
+    """Yield (row number, dict) from one of TABLE_SUFFIXES; a row that is not an object is an error. `log`
+    receives notes on rows that look wrong but parse (_note_merged_rows)."""
+    for n, row in _read_values(path, log):
         if not isinstance(row, dict):
             raise LiandanError(f"{path}:{n}: expected an object (field names and values), got {type(row).__name__}")
         if None in row:  # csv.DictReader files the values beyond the header's columns under None
@@ -36,7 +37,7 @@ def read_rows(path: Path):
         yield n, row
 
 
-def _read_values(path: Path):
+def _read_values(path: Path, log=None):
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         for n, raw, _ in read_lines(path):
@@ -55,7 +56,7 @@ def _read_values(path: Path):
         yield from enumerate(data, start=1)
     elif suffix == ".csv":
         open_regular(path).close()
-        yield from _csv_rows(path)
+        yield from _csv_rows(path, log)
     elif suffix == ".parquet":
         open_regular(path).close()
         yield from enumerate(_parquet_rows(path), start=1)
@@ -63,7 +64,7 @@ def _read_values(path: Path):
         raise LiandanError(f"{path}: unknown file type {suffix!r}; use {TABLE_KINDS}")
 
 
-def _csv_rows(path: Path):
+def _csv_rows(path: Path, log=None):
     """(line where the row starts, row). strict: a quote that never closes would otherwise swallow every row
     after it into one field, and the file would convert "successfully" with those rows gone."""
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -74,6 +75,8 @@ def _csv_rows(path: Path):
             start = reader.line_num + 1
             for values in reader:
                 if values:
+                    if log and reader.line_num > start:
+                        _note_merged_rows(path, (start, reader.line_num), values, len(header), log)
                     yield start, _row_of(header, values)
                 start = reader.line_num + 1
         except UnicodeDecodeError:
@@ -82,6 +85,18 @@ def _csv_rows(path: Path):
             what = ("a quoted field starts here and never closes (a stray \" ?)" if "end of data" in str(exc)
                     else f"invalid CSV: {exc}")
             raise LiandanError(f"{path}:{start}: {what}") from None
+
+
+def _note_merged_rows(path: Path, lines: tuple[int, int], values: list[str], columns: int, log) -> None:
+    """A stray quote closed by another one further down makes the rows between one quoted field, which csv
+    reads without an error (strict mode catches only a quote that never closes). Lines inside a field that
+    parse as a whole row of the header's width suggest it happened; a note, as real text can look like that."""
+    inner = [line for value in values for line in value.split("\n")[1:]]
+    shaped = sum(1 for line in inner if len(next(csv.reader([line.rstrip("\r")]), [])) == columns)
+    if columns > 1 and shaped:
+        log(f"Note: {path}:{lines[0]}: this row runs to line {lines[1]}, and {shaped} line(s) in its quoted text "
+            f"look like rows of {columns} values; if a stray \" opened that text, rows were merged into one "
+            "example: check the quotes")
 
 
 def _row_of(header: list[str], values: list[str]) -> dict:
@@ -179,7 +194,7 @@ SPLIT_RATIOS = {"valid": 0.1, "test": 0.1}  # default shares of the examples hel
 
 def convert(path: Path, fmt: str, prompt=None, completion=None, text=None, system=None, log=print) -> list[dict]:
     """The rows of one table as training records; rows with nothing to learn from are skipped, and counted."""
-    rows = list(read_rows(path))
+    rows = list(read_rows(path, log))
     if not rows:
         raise LiandanError(f"{path}: no rows")
     first = rows[0][1]
