@@ -32,8 +32,8 @@ def make_docs(root: Path) -> Path:
     return root
 
 
-def test_index_finds_the_chunk_and_is_cached_until_a_file_changes(tmp_path):
-    from liandan.docs.index import cache_dir_for, open_docs
+def test_index_finds_the_chunk_and_is_cached_until_a_file_changes(tmp_path, monkeypatch):
+    from liandan.docs.index import DocsIndex, cache_dir_for, open_docs
 
     docs = make_docs(tmp_path / "docs")
     notes = []
@@ -49,8 +49,11 @@ def test_index_finds_the_chunk_and_is_cached_until_a_file_changes(tmp_path):
     assert cached.stat().st_mtime_ns == first  # unchanged files: the cached index is read, not rebuilt
     (docs / "props.md").write_text("# Propellers\n\nCarbon propellers last 500 flights.\n")
     os.utime(docs / "props.md", ns=(first + 10**9, first + 10**9))
+    loads = []
+    monkeypatch.setattr(DocsIndex, "load", classmethod(lambda cls, d: loads.append(d)))
     fresh = open_docs(docs, notes.append)
     assert "500 flights" in fresh.search("propellers flights", 1)[0].chunk.text
+    assert loads == []  # the stale index is judged by its manifest, not loaded before the rebuild
     assert cached.stat().st_mtime_ns != first
 
 

@@ -192,14 +192,19 @@ class DocsIndex:
         return cls(chunks, retriever, manifest)
 
     def is_current(self) -> bool:
-        """True when the indexed folder is gone (the index is all there is) or its files are unchanged."""
-        source = Path(self.manifest["source"])
-        if not source.exists():
-            return True
-        try:
-            return fingerprints_of(source) == self.manifest["files"]
-        except (LiandanError, OSError):  # OSError: a file removed between listing and stat
-            return False
+        return manifest_is_current(self.manifest)
+
+
+def manifest_is_current(manifest: dict) -> bool:
+    """True when the indexed folder is gone (the index is all there is) or its files are unchanged. From the
+    manifest alone: a stale index is rebuilt without loading it first."""
+    source = Path(manifest["source"])
+    if not source.exists():
+        return True
+    try:
+        return fingerprints_of(source) == manifest["files"]
+    except (LiandanError, OSError):  # OSError: a file removed between listing and stat
+        return False
 
 
 def read_manifest(directory: Path) -> dict:
@@ -262,18 +267,19 @@ def open_docs(path: str | Path, log=note) -> DocsIndex:
     if not path.exists():
         raise LiandanError(f"--docs {path}: no such file or directory")
     if is_index(path):
-        index = DocsIndex.load(path)
-        if not index.is_current():
-            log(f"Note: the files in {index.manifest['source']} changed since {path} was built; rebuilding it.")
-            index = DocsIndex.build(Path(index.manifest["source"]), log)
-            _save_if_possible(index, path, log)
+        manifest = read_manifest(path)
+        if manifest_is_current(manifest):
+            return DocsIndex.load(path)
+        log(f"Note: the files in {manifest['source']} changed since {path} was built; rebuilding it.")
+        index = DocsIndex.build(Path(manifest["source"]), log)
+        _save_if_possible(index, path, log)
         return index
     cached = cache_dir_for(path)
     if is_index(cached):
         try:
-            index = DocsIndex.load(cached)
-            if index.manifest["source"] == str(path.resolve()) and index.is_current():
-                return index
+            manifest = read_manifest(cached)
+            if manifest["source"] == str(path.resolve()) and manifest_is_current(manifest):
+                return DocsIndex.load(cached)
         except LiandanError:
             pass  # an old or damaged cache entry: rebuild it
     index = DocsIndex.build(path, log)
