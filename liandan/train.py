@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -483,7 +484,7 @@ def _step(parts: _Parts, job: TrainJob, state: TrainState, it: int, reporter) ->
             state.counters.overflow_steps += 1
         elif parts.null_space:
             parts.null_space.apply()
-        parts.scheduler.step()
+        _advance_schedule(parts)
         parts.optimizer.zero_grad(set_to_none=True)
         state.window.loss += loss
         state.window.trained += n_step
@@ -497,11 +498,19 @@ def _step(parts: _Parts, job: TrainJob, state: TrainState, it: int, reporter) ->
             )
         state.counters.skipped_nonfinite += 1
         parts.optimizer.zero_grad(set_to_none=True)
-        parts.scheduler.step()
+        _advance_schedule(parts)
         reporter.say(f"Iter {it}: non-finite {what}, batch skipped ({state.counters.skipped_nonfinite} so far)")
     parts.scaler.update()
     reporter.on_step(it, loss / n_step)
     return grad_norm
+
+
+def _advance_schedule(parts: _Parts) -> None:
+    """The learning rate follows the iteration, also past a skipped step. Skipping the first one is deliberate
+    here, not the call-order mistake torch warns of."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        parts.scheduler.step()
 
 
 def _accumulate(parts: _Parts, job: TrainJob, global_batches: list[list], n_step: int) -> tuple[float, float]:

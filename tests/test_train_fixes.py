@@ -345,3 +345,27 @@ def test_float16_resume_continues_the_saved_loss_scale(tmp_path, tiny_llama):
     run_lora(**options(tmp_path, tiny_llama, dtype="float16", iters=2, resume="latest"))
     resumed = torch.load(tmp_path / "a" / "checkpoints" / "0000002" / "trainer_state.pt", weights_only=True)
     assert resumed["grad_scaler"]["scale"] == 256.0, resumed["grad_scaler"]
+
+
+def test_float16_skips_a_step_whose_scaled_gradients_overflow(tmp_path, tiny_llama, monkeypatch, recwarn):
+    """The first step's loss made huge: its scaled gradients overflow float16, so that step is skipped (counted,
+    the scale halved, no torch warning about the schedule) and training goes on from the same weights."""
+    import liandan.train as train_module
+    from safetensors.torch import load_file
+
+    real, calls = train_module.loss_terms, {"n": 0}
+
+    def huge_first(model, batch, **options):
+        calls["n"] += 1
+        loss, n, kl = real(model, batch, **options)
+        return (loss * 1e6 if calls["n"] == 1 else loss), n, kl
+
+    monkeypatch.setattr(train_module, "loss_terms", huge_first)
+    write_jsonl(tmp_path / "data" / "train.jsonl", ROWS)
+    logs = []
+    run_lora(logs, **options(tmp_path, tiny_llama, dtype="float16", iters=3, batch_size=6))
+    assert "float16: 1 step(s) skipped while the loss scale adjusted to the gradients (scale now 32768)." in logs, logs
+    assert not [w for w in recwarn if "lr_scheduler" in str(w.message)], [str(w.message) for w in recwarn]
+    weights = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)  # the later steps trained
