@@ -118,7 +118,7 @@ def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: in
     return {"seconds": result.seconds, "tokens": result.tokens, "final_train_loss": sum(losses[-max(1, steps // 10):]) /
             max(1, steps // 10), "val_loss": validation_loss(captured["model"], tokenizer, data_dir),
             "params": sum(p.numel() for p in captured["model"].parameters()),
-            "grad_norm_median": sorted(norms)[len(norms) // 2]}
+            "grad_norm_median": sorted(norms)[len(norms) // 2] if norms else float("nan")}
 
 
 def parse_options(pairs: list[str]) -> dict:

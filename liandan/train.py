@@ -477,11 +477,13 @@ def _step(parts: _Parts, job: TrainJob, state: TrainState, it: int, reporter) ->
     state.window.tokens += int(tokens)
     parts.scaler.unscale_(parts.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(parts.params, cfg.max_grad_norm or float("inf")))
-    overflow = parts.scaler.is_enabled() and not math.isfinite(grad_norm)  # float16: the scale was too high
+    overflow = _overflowed(parts, grad_norm)
     if math.isfinite(loss) and (math.isfinite(grad_norm) or overflow):
         parts.scaler.step(parts.optimizer)  # skips the step on an overflow
         if overflow:
             state.counters.overflow_steps += 1
+            reporter.say(f"Iter {it}: float16 gradients overflowed at loss scale {parts.scaler.get_scale():g}; "
+                         "step skipped, scale halved")
         elif parts.null_space:
             parts.null_space.apply()
         _advance_schedule(parts)
@@ -503,6 +505,13 @@ def _step(parts: _Parts, job: TrainJob, state: TrainState, it: int, reporter) ->
     parts.scaler.update()
     reporter.on_step(it, loss / n_step)
     return grad_norm
+
+
+def _overflowed(parts: _Parts, grad_norm: float) -> bool:
+    """float16: non-finite gradients because the loss scale is too high, which the scaler lowers. Below a scale
+    of 1 it is no longer the scale (16 halvings from 65536): the gradients are non-finite on their own, and
+    --skip-nonfinite decides, as in float32, instead of skipping every step while the scale falls to 0."""
+    return parts.scaler.is_enabled() and not math.isfinite(grad_norm) and parts.scaler.get_scale() >= 1.0
 
 
 def _advance_schedule(parts: _Parts) -> None:

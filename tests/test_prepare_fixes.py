@@ -114,14 +114,14 @@ def test_rows_with_nothing_to_learn_are_counted_with_their_lines(tmp_path):
 
 def test_a_stray_quote_closed_further_down_is_noted_with_its_lines(tmp_path):
     """The csv module reads this without an error: q2's stray quote and q4's inch mark make rows 2-4 one answer.
-    The well-quoted multi-line answer of q6 is not noted."""
-    (tmp_path / "in.csv").write_text('prompt,completion\nq1,a1\nq2,"a2\nq3,a3\nq4,12"\nq5,a5\nq6,"one\ntwo"\n')
+    Well-quoted multi-line answers are not noted, also when one of their lines has a comma."""
+    (tmp_path / "in.csv").write_text('prompt,completion\nq1,a1\nq2,"a2\nq3,a3\nq4,12"\nq5,a5\nq6,"one\ntwo"\n'
+                                     'q7,"Mix.\nThen, bake.\nServe warm."\n')
     said = []
     prepare([tmp_path / "in.csv"], tmp_path / "out", "completions", 0, 0, 0, log=said.append)
     notes = [line for line in said if line.startswith("Note:")]
-    assert notes == [f'Note: {tmp_path / "in.csv"}:3: this row runs to line 5, and 2 line(s) in its quoted text look '
-                     'like rows of 2 values; if a stray " opened that text, rows were merged into one example: check '
-                     'the quotes'], said
+    assert notes == [f'Note: {tmp_path / "in.csv"}: 1 row(s) span lines that all look like rows of 2 values (lines '
+                     '3–5); if a stray " opened that text, rows were merged into one example: check the quotes'], said
 
 
 def test_template_fields_are_looked_up_by_their_whole_name(tmp_path):

@@ -69,16 +69,21 @@ def _csv_rows(path: Path, log=None):
     after it into one field, and the file would convert "successfully" with those rows gone."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, strict=True)  # not DictReader: it skips blank lines, and the line numbers with them
-        start = 1
+        start, merged = 1, []
         try:
             header = next(reader, [])
             start = reader.line_num + 1
             for values in reader:
                 if values:
-                    if log and reader.line_num > start:
-                        _note_merged_rows(path, (start, reader.line_num), values, len(header), log)
+                    if reader.line_num > start and _looks_merged(values, len(header)):
+                        merged.append(f"{start}–{reader.line_num}")
                     yield start, _row_of(header, values)
                 start = reader.line_num + 1
+            if merged and log:
+                shown = ", ".join(merged[:5]) + (" …" if len(merged) > 5 else "")
+                log(f"Note: {path}: {len(merged)} row(s) span lines that all look like rows of {len(header)} values "
+                    f"(lines {shown}); if a stray \" opened that text, rows were merged into one example: check "
+                    "the quotes")
         except UnicodeDecodeError:
             raise LiandanError(f"{path}: not valid UTF-8; save the file as UTF-8") from None
         except csv.Error as exc:
@@ -87,16 +92,14 @@ def _csv_rows(path: Path, log=None):
             raise LiandanError(f"{path}:{start}: {what}") from None
 
 
-def _note_merged_rows(path: Path, lines: tuple[int, int], values: list[str], columns: int, log) -> None:
+def _looks_merged(values: list[str], columns: int) -> bool:
     """A stray quote closed by another one further down makes the rows between one quoted field, which csv
-    reads without an error (strict mode catches only a quote that never closes). Lines inside a field that
-    parse as a whole row of the header's width suggest it happened; a note, as real text can look like that."""
-    inner = [line for value in values for line in value.split("\n")[1:]]
-    shaped = sum(1 for line in inner if len(next(csv.reader([line.rstrip("\r")]), [])) == columns)
-    if columns > 1 and shaped:
-        log(f"Note: {path}:{lines[0]}: this row runs to line {lines[1]}, and {shaped} line(s) in its quoted text "
-            f"look like rows of {columns} values; if a stray \" opened that text, rows were merged into one "
-            "example: check the quotes")
+    reads without an error (strict mode catches only a quote that never closes). Then every later line of the
+    field parses as a whole row of the header's width; real multi-line text rarely does in all its lines, and
+    when it does the user gets a note, not a refusal."""
+    inner = [line.rstrip("\r") for value in values for line in value.split("\n")[1:]]
+    inner = [line for line in inner if line.strip()]
+    return columns > 1 and bool(inner) and all(len(next(csv.reader([line]), [])) == columns for line in inner)
 
 
 def _row_of(header: list[str], values: list[str]) -> dict:
