@@ -109,7 +109,7 @@ def run_liandan(model_spec: str, data_dir: Path, steps: int, out: Path, seed: in
     result = captured["result"]
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train_loss"] for m in metrics if "train_loss" in m]
-    norms = [m["grad_norm"] for m in metrics if m.get("grad_norm") is not None]  # None: a float16 step skipped on overflow
+    norms = [m["grad_norm"] for m in metrics if m.get("grad_norm") is not None]  # None: a skipped float16 step
     from transformers import AutoTokenizer
 
     from liandan.models import resolve_model

@@ -243,9 +243,9 @@ class _Parts:
     batches: Iterator  # (epoch, batch indices) from data.batching.iterate_batches
     items: list  # batch index -> Encoded: the training set, then the replay examples
     pass_cost: int  # padded tokens that one more forward + backward pass costs (data.batching.pass_cost_tokens)
+    scaler: torch.amp.GradScaler  # loss_scaler(): active for float16 only
     null_space: null_space.NullSpace | None = None  # re-applied after every optimizer step (--protect-directions)
     data_id: str = ""  # data_fingerprint() of the training set, saved with each checkpoint
-    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))  # loss_scaler()
 
 
 class Reporter:
@@ -414,8 +414,8 @@ def _build_parts(model, job: TrainJob, log=print) -> _Parts:
                               pick_replay=lambda rng: replay_indices(n, len(replay), cfg.replay_ratio, rng, near,
                                                                      cfg.replay_focus))
     return _Parts(forward, params, optimizer, scheduler, batches, job.train_set.items + replay,
-                  pass_cost_tokens(job.device), _null_space(model, job, log), data_fingerprint(job.train_set),
-                  loss_scaler(model, job))
+                  pass_cost_tokens(job.device), loss_scaler(model, job), _null_space(model, job, log),
+                  data_fingerprint(job.train_set))
 
 
 def data_fingerprint(train_set: EncodedSet) -> str:

@@ -28,7 +28,7 @@ TEXT_NAMES = ("text", "content", "document", "body")
 
 def read_rows(path: Path, log=None):
     """Yield (row number, dict) from one of TABLE_SUFFIXES; a row that is not an object is an error. `log`
-    receives notes on rows that look wrong but parse (_note_merged_rows)."""
+    receives notes on rows that look wrong but parse (CSV rows a stray quote may have merged: _looks_merged)."""
     for n, row in _read_values(path, log):
         if not isinstance(row, dict):
             raise LiandanError(f"{path}:{n}: expected an object (field names and values), got {type(row).__name__}")
